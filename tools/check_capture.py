@@ -1,0 +1,3 @@
+from tempeh.cli.check_capture import main
+
+raise SystemExit(main())
