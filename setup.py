@@ -8,6 +8,7 @@ from setuptools import find_packages, setup
 TOOLS = {
     "tempeh-check-capture": "tempeh.cli.check_capture:main",
     "tempeh-make-synthetic": "tempeh.cli.make_synthetic:main",
+    "tempeh-evaluate": "tempeh.cli.evaluate:main",
 }
 
 setup(
