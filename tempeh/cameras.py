@@ -39,6 +39,17 @@ __all__ = [
 ]
 
 
+def _distort_components(x: Tensor, y: Tensor, dist: Tensor) -> Tuple[Tensor, Tensor]:
+    """OpenCV distortion of ``x, y`` (``(*S, P)`` normalised) with ``dist`` ``(*S, 5)``."""
+    k1, k2, p1, p2, k3 = [dist[..., i : i + 1] for i in range(5)]  # each (*S, 1)
+    xx, yy, xy = x * x, y * y, x * y
+    r2 = xx + yy
+    radial = 1 + r2 * (k1 + r2 * (k2 + r2 * k3))
+    xd = x * radial + 2 * p1 * xy + p2 * (r2 + 2 * xx)
+    yd = y * radial + p1 * (r2 + 2 * yy) + 2 * p2 * xy
+    return xd, yd
+
+
 def distort_normalized(xy: Tensor, dist: Tensor) -> Tensor:
     """Apply OpenCV distortion to normalised image coordinates.
 
@@ -48,12 +59,7 @@ def distort_normalized(xy: Tensor, dist: Tensor) -> Tensor:
     Returns:
         ``(*S, P, 2)`` distorted normalised coordinates.
     """
-    k1, k2, p1, p2, k3 = [dist[..., i : i + 1] for i in range(5)]  # each (*S, 1)
-    x, y = xy[..., 0], xy[..., 1]
-    r2 = x * x + y * y
-    radial = 1 + r2 * (k1 + r2 * (k2 + r2 * k3))
-    xd = x * radial + 2 * p1 * x * y + p2 * (r2 + 2 * x * x)
-    yd = y * radial + p1 * (r2 + 2 * y * y) + 2 * p2 * x * y
+    xd, yd = _distort_components(xy[..., 0], xy[..., 1], dist)
     return torch.stack([xd, yd], dim=-1)
 
 
@@ -61,7 +67,8 @@ def undistort_normalized(xy_d: Tensor, dist: Tensor, iterations: int = 20) -> Te
     """Invert :func:`distort_normalized` by Newton iterations on the exact model.
 
     Converges to machine precision in a few steps for the moderate distortion of capture
-    lenses (monotonic radial profile over the image). Not differentiable by design.
+    lenses (monotonic radial profile over the image); stops early once every step is at
+    rounding level (at most ``iterations`` steps). Not differentiable by design.
 
     Args:
         xy_d: ``(*S, P, 2)`` distorted normalised coordinates.
@@ -71,25 +78,31 @@ def undistort_normalized(xy_d: Tensor, dist: Tensor, iterations: int = 20) -> Te
     """
     with torch.no_grad():
         k1, k2, p1, p2, k3 = [dist[..., i : i + 1] for i in range(5)]
-        xy = xy_d.clone()
+        xt, yt = xy_d[..., 0].contiguous(), xy_d[..., 1].contiguous()
+        x, y = xt.clone(), yt.clone()
+        tol = 4 * torch.finfo(xy_d.dtype).eps
         for _ in range(iterations):
-            x, y = xy[..., 0], xy[..., 1]
-            r2 = x * x + y * y
+            xx, yy, xy = x * x, y * y, x * y
+            r2 = xx + yy
             radial = 1 + r2 * (k1 + r2 * (k2 + r2 * k3))
             dradial = k1 + r2 * (2 * k2 + 3 * k3 * r2)  # d radial / d r2
-            fx = x * radial + 2 * p1 * x * y + p2 * (r2 + 2 * x * x) - xy_d[..., 0]
-            fy = y * radial + p1 * (r2 + 2 * y * y) + 2 * p2 * x * y - xy_d[..., 1]
+            fx = x * radial + 2 * p1 * xy + p2 * (r2 + 2 * xx) - xt
+            fy = y * radial + p1 * (r2 + 2 * yy) + 2 * p2 * xy - yt
             # Jacobian of the distortion map.
-            j00 = radial + 2 * x * x * dradial + 2 * p1 * y + 6 * p2 * x
-            j01 = 2 * x * y * dradial + 2 * p1 * x + 2 * p2 * y
-            j10 = 2 * x * y * dradial + 2 * p1 * x + 2 * p2 * y
-            j11 = radial + 2 * y * y * dradial + 6 * p1 * y + 2 * p2 * x
-            det = j00 * j11 - j01 * j10
+            j00 = radial + 2 * xx * dradial + 2 * p1 * y + 6 * p2 * x
+            j01 = 2 * xy * dradial + 2 * p1 * x + 2 * p2 * y  # = j10
+            j11 = radial + 2 * yy * dradial + 6 * p1 * y + 2 * p2 * x
+            det = j00 * j11 - j01 * j01
             det = torch.where(det.abs() < 1e-12, torch.full_like(det, 1e-12), det)
             dx = (j11 * fx - j01 * fy) / det
-            dy = (-j10 * fx + j00 * fy) / det
-            xy = torch.stack([x - dx, y - dy], dim=-1)
-        return xy
+            dy = (j00 * fy - j01 * fx) / det
+            x = x - dx
+            y = y - dy
+            # stop once every Newton step is at rounding level (relative to the coordinate)
+            step = torch.maximum(dx.abs(), dy.abs()) / (1 + torch.maximum(x.abs(), y.abs()))
+            if step.numel() == 0 or float(step.max()) <= tol:
+                break
+        return torch.stack([x, y], dim=-1)
 
 
 def pixels_to_grid(uv: Tensor, width: Union[int, Tensor], height: Union[int, Tensor]) -> Tensor:
@@ -215,17 +228,29 @@ class Cameras:
                              width=self.width.to(device), height=self.height.to(device))
 
     def __getitem__(self, idx) -> "Cameras":
-        """Index the batch axes like a tensor (names follow when the view axis is indexed)."""
+        """Index the batch axes like a tensor.
+
+        Names follow when the result's last axis is still the view axis with the same views in
+        every row (e.g. ``cams[b]``, ``cams[:, [2, 0]]``); otherwise (``cams[:, v]``,
+        per-row view choices, a scalar) the result has no names.
+        """
         K = self.K[idx]
         names = self.names
         if names is not None:
             S = self.batch_shape
-            probe = torch.arange(S[-1]).expand(S)[idx]
-            if probe.dim() == 0:
-                names = None
-            else:
-                order = probe.reshape(-1, probe.shape[-1])[0].tolist()
-                names = tuple(self.names[i] for i in order)
+            lead = 1
+            for s in S[:-1]:
+                lead *= s
+            view = torch.arange(S[-1]).expand(S)[idx]
+            row = torch.arange(lead).reshape(S[:-1] + (1,)).expand(S)[idx]
+            names = None
+            if view.dim() > 0 and view.numel() > 0:
+                view = view.reshape(-1, view.shape[-1])
+                row = row.reshape(-1, row.shape[-1])
+                if bool((row == row[:, :1]).all()) and bool((view == view[:1]).all()):
+                    names = tuple(self.names[i] for i in view[0].tolist())
+            elif view.dim() > 0:  # empty selection along some axis
+                names = tuple() if view.shape[-1] == 0 else None
         return Cameras(K, self.R[idx], self.t[idx], self.dist[idx], self.width[idx],
                        self.height[idx], names)
 
@@ -267,7 +292,9 @@ class Cameras:
 
     def world_to_camera(self, points: Tensor) -> Tensor:
         """``(*S, P, 3)`` world mm -> ``(*S, P, 3)`` camera frame mm (broadcasts over ``S``)."""
-        return points @ self.R.transpose(-1, -2) + self.t.unsqueeze(-2)
+        # einsum folds the views into one GEMM when points broadcast over them (~10x faster
+        # on CPU than a broadcast matmul of many (P, 3) x (3, 3) products).
+        return torch.einsum("...ij,...pj->...pi", self.R, points) + self.t.unsqueeze(-2)
 
     def project(self, points: Tensor, eps: float = 1e-8) -> Tuple[Tensor, Tensor]:
         """Project world points to pixels with distortion.
@@ -280,16 +307,20 @@ class Cameras:
             depth: ``(*S, P)`` camera-frame z in mm. Points with ``depth <= 0`` are behind the
                 camera; their ``uv`` is finite but meaningless (callers mask them).
         """
-        xc = self.world_to_camera(points)
-        z = xc[..., 2]
+        # camera coordinates as (*S, 3, P) so that x, y, z are contiguous rows
+        xc = torch.einsum("...ij,...pj->...ip", self.R, points) + self.t.unsqueeze(-1)
+        x, y, z = xc.unbind(-2)
         zs = torch.where(z.abs() < eps, torch.full_like(z, eps), z)
-        xy = xc[..., :2] / zs.unsqueeze(-1)
+        inv_z = 1.0 / zs
+        x = x * inv_z
+        y = y * inv_z
         dist = self.dist
         if torch.any(dist != 0):
-            xy = distort_normalized(xy, dist)
+            x, y = _distort_components(x, y, dist)
         K = self.K
-        uv = xy @ K[..., :2, :2].transpose(-1, -2) + K[..., :2, 2].unsqueeze(-2)
-        return uv, z
+        u = K[..., 0, 0:1] * x + K[..., 0, 1:2] * y + K[..., 0, 2:3]
+        v = K[..., 1, 0:1] * x + K[..., 1, 1:2] * y + K[..., 1, 2:3]
+        return torch.stack([u, v], dim=-1), z
 
     def pixel_rays(self, uv: Tensor) -> Tuple[Tensor, Tensor]:
         """Back-project pixels (through the lens distortion) to world rays.
@@ -301,11 +332,13 @@ class Cameras:
             dirs: ``(*S, P, 3)`` unit ray directions in world coordinates.
         """
         Kinv = torch.linalg.inv(self.K)
-        ones = torch.ones_like(uv[..., :1])
-        xy_d = (torch.cat([uv, ones], -1) @ Kinv.transpose(-1, -2))[..., :2]
+        u, v = uv[..., 0], uv[..., 1]
+        xy_d = torch.stack([Kinv[..., 0, 0:1] * u + Kinv[..., 0, 1:2] * v + Kinv[..., 0, 2:3],
+                            Kinv[..., 1, 0:1] * u + Kinv[..., 1, 1:2] * v + Kinv[..., 1, 2:3]],
+                           dim=-1)
         xy = undistort_normalized(xy_d, self.dist) if torch.any(self.dist != 0) else xy_d
         d_cam = torch.cat([xy, torch.ones_like(xy[..., :1])], -1)
-        d_world = d_cam @ self.R  # R^T d for row vectors
+        d_world = torch.einsum("...ji,...pj->...pi", self.R, d_cam)  # R^T d
         d_world = d_world / d_world.norm(dim=-1, keepdim=True)
         return self.centers().unsqueeze(-2), d_world
 
