@@ -15,7 +15,13 @@ class TempehDataError(ValueError):
         self.path = None if path is None else Path(path)
         self.line = line
         where = "" if path is None else f"{path}" + (f":{line}" if line is not None else "") + ": "
+        self.message = message
         super().__init__(where + message)
+
+    def __reduce__(self):
+        # Picklable with its own arguments, so an error raised inside a DataLoader worker is
+        # re-raised in the main process as the same type with the same file and line.
+        return (type(self), (self.path, self.message, self.line))
 
 
 class ConfigError(ValueError):
