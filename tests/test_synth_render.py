@@ -7,6 +7,7 @@ import torch
 import trimesh
 
 from tempeh.synth.render import RenderConfig, first_hits, render_mask, render_views, skin_texture
+from tempeh.synth.head import make_head_template
 from tempeh.synth.rig import make_rig
 
 
@@ -75,7 +76,7 @@ def test_silhouette_matches_independent_rasteriser(which, request):
     for i in range(4):
         ref = _raster_oracle(vs, fs, small["K"][i], small["R"][i], small["t"][i],
                              small["dist"][i], 200, 150)
-        assert ref.sum() > 2000  # the head fills a good part of the frame
+        assert ref.sum() > 1500  # the head fills a good part of the frame (about 6 %)
         assert _iou(imgs[i] > 0, ref) >= 0.99, i
         assert _iou(mask[i], ref) >= 0.99, i
         # Without the distortion the oracle silhouette is measurably different.
@@ -142,7 +143,15 @@ def test_paper_rig_layout():
     base = np.linalg.norm(C[0::2] - C[1::2], axis=-1)  # A/B stereo baselines
     assert np.all((base > 90) & (base < 150))
     fx = cams.K[:, 0, 0].numpy()
-    assert np.all((fx > 2800) & (fx < 3600))
+    assert np.all((fx > 1900) & (fx < 2100))
+    # The head above the neck stays inside every view when the studio moves it by its full
+    # +-100 mm along any axis.
+    head = make_head_template("low").verts
+    head = head[head[:, 1] > -120]
+    shifts = np.concatenate([np.eye(3) * 100, -np.eye(3) * 100])
+    pts = torch.from_numpy((head[None] + shifts[:, None]).reshape(-1, 3))
+    uv, depth = cams.project(pts[None].expand(16, -1, -1))
+    assert bool(cams.in_image(uv, depth).all())
     # Every camera sees the head centre near the image centre, in front of it.
     uv, depth = cams.project(torch.zeros(1, 3, dtype=torch.float64))
     assert torch.all(depth > 0) and torch.all((uv[:, 0, 0] - 800).abs() < 250)

@@ -7,7 +7,9 @@ near the origin. Cameras sit about 1 m from the capture-volume centre on the fro
 ``kind="paper"`` imitates the 3dMD-style rig used for FaMoS/TEMPEH: 8 pods of 2 grey-scale
 stereo cameras (``A`` above ``B``, ~120 mm vertical baseline, converging on the centre), pods
 spread over azimuth -80..+80 deg with alternating elevation, 1600x1200 pixels, a 16 mm-class
-lens (fx ~ 3000 px, so a 230 mm head spans ~700 px of the 1200 image rows), principal point near
+lens (fx ~ 2000 px: at 1 m the image covers about +-400 x +-300 mm, so a 230 mm head spans about
+460 px of the 1200 rows and stays fully in every view when moved 100 mm along any axis; at the
+corners of the +-100 mm cube a few views clip part of it, as real rigs do), principal point near
 the image centre and a mild barrel distortion (k1 ~ -0.1, k2 ~ 0.1, small tangential terms).
 Camera names follow FaMoS: ``23_A, 23_B, 24_A, ... 30_B``.
 
@@ -46,7 +48,7 @@ class RigConfig:
     elevation_low_deg: float = -8.0
     baseline_mm: float = 120.0
     """Distance between the A and B camera of a pod (vertical, A above B)."""
-    focal_px: float = 3000.0
+    focal_px: float = 2000.0
     """Nominal focal length at the nominal image size 1600x1200 (scaled with the width)."""
     dist: tuple = (-0.1, 0.1, 2e-4, -1.5e-4, 0.0)
     """Nominal OpenCV distortion (k1, k2, p1, p2, k3)."""

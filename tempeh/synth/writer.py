@@ -70,7 +70,7 @@ class SyntheticConfig:
     hole_rate: float = 0.04
     reg_tangential_mm: float = 0.7
     reg_normal_mm: float = 0.3
-    translation_mm: float = 40.0
+    translation_mm: float = 100.0
     """Max head translation per axis within the capture volume."""
     yaw_deg: float = 60.0
     pitch_deg: float = 30.0
