@@ -1,0 +1,215 @@
+"""Coarse stage: images + cameras -> a mesh in template topology (paper section 3.1).
+
+Pipeline (shapes for ``B`` samples, ``V`` views, grid side ``D``, ``d_f`` feature channels)::
+
+    images (B, V, 1, H, W) --FeatureNet2D--> feats (B, V, d_f, H, W)
+    initial grid (B, D, D, D, 3): symmetric cube about grid_center_mm, random SO(3) rotation in
+        training (identity in eval) --sample_views + fuse_mean_var--> (B, 2 d_f, D, D, D)
+    --Localizer--> s, R, t --warp_grid--> localised grid (B, D, D, D, 3)
+    --sample_views + fuse_mean_var--> (B, 2 d_f, D, D, D) --UNet3D--> (B, F, D, D, D)
+    --SoftArgmaxHead (softmax over the D^3 points, expectation of the localised grid)-->
+    verts (B, N, 3) world mm
+
+Feature maps are at the input image resolution, so ``cameras`` must describe the images given.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from tempeh.cameras import Cameras
+from tempeh.geometry.rotations import random_rotations
+from tempeh.models.feature_net import FeatureNet2D
+from tempeh.models.localizer import Localizer, LocalizerOutput, warp_grid
+from tempeh.models.soft_argmax import SoftArgmaxHead
+from tempeh.models.unet3d import UNet3D
+from tempeh.models.volume import FUSION_MODES, fuse_mean_var, grid_offsets, make_grid, sample_views
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CoarseConfig", "CoarseModel", "CoarseOutput"]
+
+
+@dataclass
+class CoarseConfig:
+    """Coarse-stage network configuration (defaults = paper scale, synthetic world frame)."""
+
+    num_verts: int = 5023
+    """Number of template vertices ``N`` predicted (one soft-argmax channel each)."""
+    image_channels: int = 1
+    """Input image channels (1: grey-scale stereo images in [0, 1])."""
+    feature_channels: int = 8
+    """Feature channels ``d_f`` of the 2D feature net (the fused volume has ``2 d_f``)."""
+    feature_blocks: Tuple[int, ...] = (3, 4, 6, 3)
+    """BasicBlocks per ResNet layer ((3, 4, 6, 3) = ResNet34)."""
+    feature_widths: Tuple[int, ...] = (64, 128, 256, 512)
+    """Channels of ResNet layer1..4."""
+    feature_stem_width: int = 64
+    """Channels of the ResNet stem."""
+    feature_norm: str = "bn"
+    """Norm of the 2D encoder: bn | in | gn | none."""
+    feature_upsample: str = "bilinear"
+    """Decoder upsampling of the feature net (the reference uses "nearest")."""
+    grid_side: int = 32
+    """Points per axis ``d_c`` of the coarse grid."""
+    grid_spacing_mm: float = 25.0
+    """Spacing of the initial grid, mm (32 x 25 mm covers a ~775 mm capture volume)."""
+    grid_center_mm: Tuple[float, float, float] = (0.0, 0.0, 0.0)
+    """Capture-volume centre in world mm (synthetic frame; the paper uses (0, -50, 0) in the
+    3dMD frame)."""
+    fusion: str = "masked"
+    """View fusion: "masked" (views that see the point, biased variance) or "paper" (all views,
+    zeros outside, unbiased variance; ablation)."""
+    random_grid_rotation: bool = True
+    """Rotate the initial grid uniformly at random in training (identity in eval)."""
+    localizer_hidden: int = 32
+    """Channels of the localizer's conv levels."""
+    localizer_levels: int = 2
+    """Conv + max-pool levels of the localizer."""
+    localizer_fc: int = 96
+    """Hidden fully-connected width of the localizer."""
+    localizer_max_scale: float = 0.5
+    """Upper bound of each localizer scale factor (multiplier of the initial grid offsets)."""
+    localizer_max_translation_mm: float = 387.5
+    """Bound of each localizer translation component, mm."""
+    localizer_init_extent_mm: float = 310.0
+    """Side of the localised cube at initialisation, mm (head-sized)."""
+    localizer_norm: str = "bn"
+    """Norm of the localizer conv levels."""
+    localizer_lr_scale: float = 0.1
+    """Learning rate of the localizer relative to the base lr (reference: 1e-4 vs 1e-3)."""
+    unet_levels: int = 5
+    """Encoder/decoder levels of the 3D U-Net."""
+    unet_widths: Tuple[int, ...] = (32, 64, 128, 128, 128, 128)
+    """U-Net widths ``w_0..w_L``."""
+    unet_back_widths: Tuple[int, ...] = (64, 128)
+    """Widths of the 1x1 blocks after the U-Net (input channels of the head)."""
+    unet_front_kernel: int = 7
+    """Kernel of the U-Net's first conv."""
+    unet_norm: str = "bn"
+    """Norm of the U-Net blocks: bn | in | gn | none."""
+    unet_bottleneck_norm: Optional[str] = "gn"
+    """Norm at the U-Net's deepest resolution (GroupNorm works at batch 1; None = unet_norm)."""
+    head_chunk_size: int = 256
+    """Vertices per chunk of the soft-argmax head (256 x 32^3 floats = 32 MiB per buffer)."""
+    head_checkpoint: bool = True
+    """Checkpoint each head chunk in training (memory does not grow with N x D^3)."""
+    head_naive: bool = False
+    """Compute all (B, N, D^3) logits at once (reference behaviour, benchmarks only)."""
+
+    @classmethod
+    def paper_scale(cls, **overrides) -> "CoarseConfig":
+        """The paper's sizes: ResNet34, 8 channels, 32^3 x 25 mm, 5-level U-Net, 5023 vertices."""
+        return cls(**overrides)
+
+    @classmethod
+    def tiny(cls, **overrides) -> "CoarseConfig":
+        """A CPU-test size: tiny nets, 8^3 grid, 64 vertices."""
+        base = dict(num_verts=64, feature_channels=4, feature_blocks=(1, 1, 1, 1),
+                    feature_widths=(8, 8, 16, 16), feature_stem_width=8, grid_side=8,
+                    grid_spacing_mm=100.0, localizer_hidden=8, localizer_levels=1,
+                    localizer_fc=16, localizer_init_extent_mm=300.0, localizer_max_scale=0.6,
+                    unet_levels=2, unet_widths=(8, 16, 16), unet_back_widths=(16,),
+                    unet_front_kernel=3, head_chunk_size=32)
+        base.update(overrides)
+        return cls(**base)
+
+
+@dataclass
+class CoarseOutput:
+    """Coarse-stage prediction.
+
+    verts: ``(B, N, 3)`` world mm.
+    localizer: the localizer's scale / rotation / translation (initial-grid frame).
+    grid: ``(B, D, D, D, 3)`` the localised grid, world mm.
+    initial_grid: ``(B, D, D, D, 3)`` the (possibly rotated) initial grid, world mm.
+    grid_rotation: ``(B, 3, 3)`` rotation of the initial grid (identity in eval).
+    """
+
+    verts: Tensor
+    localizer: LocalizerOutput
+    grid: Tensor
+    initial_grid: Tensor
+    grid_rotation: Tensor
+
+
+class CoarseModel(nn.Module):
+    """Coarse stage network (see the module docstring)."""
+
+    def __init__(self, cfg: Optional[CoarseConfig] = None):
+        super().__init__()
+        cfg = cfg if cfg is not None else CoarseConfig()
+        if cfg.fusion not in FUSION_MODES:
+            raise ValueError(f"CoarseConfig.fusion: unknown mode {cfg.fusion!r}; expected {FUSION_MODES}")
+        self.cfg = cfg
+        C2 = 2 * cfg.feature_channels
+        self.feature_net = FeatureNet2D(cfg.image_channels, cfg.feature_channels, cfg.feature_blocks,
+                                        cfg.feature_widths, cfg.feature_stem_width, cfg.feature_norm,
+                                        upsample=cfg.feature_upsample)
+        self.localizer = Localizer(
+            C2, hidden=cfg.localizer_hidden, levels=cfg.localizer_levels, fc=cfg.localizer_fc,
+            max_scale=cfg.localizer_max_scale,
+            max_translation_mm=cfg.localizer_max_translation_mm,
+            init_extent_mm=cfg.localizer_init_extent_mm, grid_side=cfg.grid_side,
+            grid_spacing_mm=cfg.grid_spacing_mm, norm=cfg.localizer_norm)
+        self.unet = UNet3D(C2, 0, levels=cfg.unet_levels, widths=cfg.unet_widths,
+                           front_kernel=cfg.unet_front_kernel, norm=cfg.unet_norm,
+                           bottleneck_norm=cfg.unet_bottleneck_norm,
+                           back_widths=cfg.unet_back_widths)
+        self.head = SoftArgmaxHead(self.unet.out_features, cfg.num_verts, cfg.head_chunk_size,
+                                   checkpoint=cfg.head_checkpoint, naive=cfg.head_naive)
+
+    # ------------------------------------------------------------------ optimiser helpers
+    def param_groups(self, lr: float, localizer_lr: Optional[float] = None) -> List[Dict]:
+        """Two optimiser groups: ``base`` (everything else) and ``localizer`` (lr
+        ``localizer_lr``, default ``lr * cfg.localizer_lr_scale``)."""
+        loc = [p for p in self.localizer.parameters()]
+        ids = {id(p) for p in loc}
+        base = [p for p in self.parameters() if id(p) not in ids]
+        llr = lr * self.cfg.localizer_lr_scale if localizer_lr is None else localizer_lr
+        return [{"name": "base", "params": base, "lr": lr},
+                {"name": "localizer", "params": loc, "lr": llr}]
+
+    # ------------------------------------------------------------------ forward
+    def _fused(self, feats: Tensor, cameras: Cameras, grid: Tensor) -> Tensor:
+        """``grid (B, D, D, D, 3)`` -> fused volume ``(B, 2 d_f, D, D, D)``."""
+        B, D = grid.shape[0], grid.shape[1]
+        sampled, valid = sample_views(feats, cameras, grid.reshape(B, -1, 3))
+        return fuse_mean_var(sampled, valid, self.cfg.fusion).reshape(B, -1, D, D, D)
+
+    def forward(self, images: Tensor, cameras: Cameras,
+                generator: Optional[torch.Generator] = None) -> CoarseOutput:
+        """Predict coarse vertices.
+
+        Args:
+            images: ``(B, V, image_channels, H, W)`` in [0, 1].
+            cameras: :class:`Cameras` of batch shape ``(B, V)`` for these ``W x H`` images.
+            generator: drives the random grid rotation in training (reproducible runs).
+        Returns:
+            :class:`CoarseOutput`; ``verts (B, N, 3)`` world mm.
+        """
+        if images.dim() != 5:
+            raise ValueError(f"CoarseModel: images must be (B, V, C, H, W), got {tuple(images.shape)}")
+        B, V, Ci, H, W = images.shape
+        cfg = self.cfg
+        feats = self.feature_net(images.reshape(B * V, Ci, H, W)).reshape(B, V, -1, H, W)
+        dtype, device = feats.dtype, feats.device
+        cams = cameras.to(device=device, dtype=dtype)
+        center = torch.tensor(cfg.grid_center_mm, dtype=dtype, device=device).expand(B, 3)
+        if self.training and cfg.random_grid_rotation:
+            R_g = random_rotations(B, generator=generator, dtype=dtype, device=device)
+        else:
+            R_g = torch.eye(3, dtype=dtype, device=device).expand(B, 3, 3)
+        grid0 = make_grid(cfg.grid_side, cfg.grid_spacing_mm, center, R_g)
+        loc = self.localizer(self._fused(feats, cams, grid0))
+        offsets = grid_offsets(cfg.grid_side, cfg.grid_spacing_mm, dtype=dtype, device=device)
+        grid = warp_grid(offsets, loc, center, R_g)
+        vol = self._fused(feats, cams, grid)
+        verts = self.head(self.unet(vol), grid)
+        return CoarseOutput(verts=verts, localizer=loc, grid=grid, initial_grid=grid0,
+                            grid_rotation=R_g)

@@ -1,0 +1,193 @@
+"""Coarse stage: localizer start box and warp, U-Net at batch 1, gradients, forward modes, and
+overfitting one synthetic frame rendered from a textured sphere."""
+import numpy as np
+import pytest
+import torch
+
+from tempeh.cameras import Cameras, look_at_rotation
+from tempeh.models.coarse import CoarseConfig, CoarseModel
+from tempeh.models.localizer import Localizer, LocalizerOutput, warp_grid
+from tempeh.models.unet3d import UNet3D
+from tempeh.models.volume import grid_offsets, make_grid
+
+F64 = torch.float64
+
+
+def rig(V, W, H, f):
+    az = torch.linspace(-0.8, 0.8, V, dtype=F64)
+    eye = 1000 * torch.stack([torch.sin(az), 0.1 * torch.ones(V, dtype=F64), torch.cos(az)], -1)
+    R = look_at_rotation(eye, torch.zeros(3, dtype=F64), torch.tensor([0, 1.0, 0], dtype=F64))
+    t = -(R @ eye.unsqueeze(-1)).squeeze(-1)
+    K = torch.tensor([[f, 0, (W - 1) / 2], [0, f, (H - 1) / 2], [0, 0, 1]], dtype=F64).expand(V, 3, 3)
+    dist = torch.tensor([-0.05, 0.01, 0, 0, 0], dtype=F64).expand(V, 5)
+    return Cameras.create(K, R, t, W, H, dist=dist)
+
+
+def render_sphere(cams, center, radius):
+    """Grey images (V, 1, H, W) of a procedurally textured sphere over a flat background."""
+    V, W, H = cams.batch_shape[0], int(cams.width[0]), int(cams.height[0])
+    vs, us = torch.meshgrid(torch.arange(H, dtype=F64), torch.arange(W, dtype=F64), indexing="ij")
+    uv = torch.stack([us, vs], -1).reshape(1, -1, 2).expand(V, -1, -1)
+    o, d = cams.pixel_rays(uv)
+    oc = o - center
+    b = (d * oc).sum(-1)
+    disc = b * b - ((oc * oc).sum(-1) - radius ** 2)
+    lam = -b - torch.sqrt(disc.clamp_min(0))
+    X = o + d * lam.unsqueeze(-1) - center
+    tex = 0.5 + 0.4 * torch.sin(X[..., 0] / 15) * torch.sin(X[..., 1] / 20 + 1) * torch.cos(X[..., 2] / 25)
+    img = torch.where(disc > 0, tex, torch.full_like(tex, 0.1))
+    return img.reshape(V, 1, H, W).float()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread():
+    """Tiny ops gain nothing from threads, and 2 threads on a shared, loaded 2-core machine
+    spin-wait (measured 20x slower); restore the session setting afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def scene():
+    V, H, W = 4, 48, 64
+    cams = rig(V, W, H, 150.0)
+    c = torch.tensor([10.0, -20.0, 5.0], dtype=F64)
+    imgs = render_sphere(cams, c, 110.0)
+    return imgs, cams.to(dtype=torch.float32), c.float()
+
+
+def batch_of(scene, B):
+    imgs, cams, _ = scene
+    return imgs[None].expand(B, -1, -1, -1, -1).contiguous(), Cameras.stack([cams] * B)
+
+
+def test_localizer_starts_at_documented_box(scene):
+    cfg = CoarseConfig.tiny(grid_center_mm=(0.0, -50.0, 20.0))
+    torch.manual_seed(0)
+    model = CoarseModel(cfg).eval()
+    imgs, cams = batch_of(scene, 2)
+    with torch.no_grad():
+        out = model(imgs, cams)
+    s0 = cfg.localizer_init_extent_mm / ((cfg.grid_side - 1) * cfg.grid_spacing_mm)
+    torch.testing.assert_close(out.localizer.scale, torch.full((2, 3), s0), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.localizer.rotation, torch.eye(3).expand(2, 3, 3), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.localizer.translation, torch.zeros(2, 3), atol=1e-6, rtol=0)
+    center = torch.tensor([cfg.grid_center_mm] * 2)
+    box = make_grid(cfg.grid_side, cfg.localizer_init_extent_mm / (cfg.grid_side - 1), center)
+    torch.testing.assert_close(out.grid, box, atol=1e-3, rtol=0)
+    extent = (out.grid[:, -1, -1, -1] - out.grid[:, 0, 0, 0])
+    torch.testing.assert_close(extent, torch.full((2, 3), cfg.localizer_init_extent_mm), atol=1e-3, rtol=0)
+    # paper defaults: a 310 mm head box inside the 775 mm capture cube
+    loc = Localizer(16)
+    assert abs(loc.init_scale * 31 * 25.0 - 310.0) < 1e-9
+
+
+def test_warp_grid_matches_naive_formula():
+    g = torch.Generator().manual_seed(3)
+    B, D = 2, 3
+    from tempeh.geometry.rotations import random_rotations
+    out = LocalizerOutput(torch.rand(B, 3, generator=g, dtype=F64),
+                          random_rotations(B, generator=g, dtype=F64),
+                          torch.randn(B, 3, generator=g, dtype=F64) * 50)
+    Rg = random_rotations(B, generator=g, dtype=F64)
+    center = torch.randn(B, 3, generator=g, dtype=F64) * 20
+    d0 = grid_offsets(D, 25.0, dtype=F64)
+    p = warp_grid(d0, out, center, Rg)
+    for b in range(B):
+        for idx in [(0, 0, 0), (2, 1, 0), (1, 2, 2)]:
+            x = d0[idx].numpy()
+            ref = center[b].numpy() + Rg[b].numpy() @ (
+                out.scale[b].numpy() * (out.rotation[b].numpy() @ x) + out.translation[b].numpy())
+            np.testing.assert_allclose(p[b][idx].numpy(), ref, atol=1e-10)
+
+
+def test_unet3d_batch1_training_through_1cube_bottleneck():
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 16, 16, 16)
+    kw = dict(levels=4, widths=(4, 4, 8, 8, 8), front_kernel=3, back_widths=(4,))
+    net = UNet3D(2, 3, norm="bn", **kw).train()  # default bottleneck_norm="gn"
+    y = net(x)
+    assert y.shape == (1, 3, 16, 16, 16) and torch.isfinite(y).all()
+    y.mean().backward()
+    net_in = UNet3D(2, 0, norm="in", **kw).train()
+    assert net_in(x).shape == (1, 4, 16, 16, 16)
+    # the reference behaviour (BatchNorm everywhere) cannot train at batch 1 over a 1^3 bottleneck
+    ref = UNet3D(2, 3, norm="bn", bottleneck_norm=None, **kw).train()
+    with pytest.raises(ValueError, match="more than 1 value"):
+        ref(x)
+
+
+def test_gradients_reach_every_parameter(scene):
+    torch.manual_seed(0)
+    model = CoarseModel(CoarseConfig.tiny()).train()
+    imgs, cams = batch_of(scene, 2)
+    out = model(imgs, cams, generator=torch.Generator().manual_seed(1))
+    (out.verts - scene[2]).square().mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, missing
+    for part in (model.feature_net, model.unet, model.head, model.localizer.out):
+        assert any(float(p.grad.abs().sum()) > 0 for p in part.parameters())
+    groups = model.param_groups(1e-3)
+    assert [g["name"] for g in groups] == ["base", "localizer"]
+    assert groups[1]["lr"] == pytest.approx(1e-4)
+    n_loc = sum(p.numel() for p in model.localizer.parameters())
+    assert sum(p.numel() for p in groups[1]["params"]) == n_loc
+    assert sum(p.numel() for g in groups for p in g["params"]) == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("B", [1, 2])
+@pytest.mark.parametrize("train,fusion", [(False, "masked"), (True, "masked"), (True, "paper")])
+def test_forward_modes(scene, B, train, fusion):
+    torch.manual_seed(0)
+    model = CoarseModel(CoarseConfig.tiny(fusion=fusion)).train(train)
+    imgs, cams = batch_of(scene, B)
+    with torch.no_grad():
+        out = model(imgs, cams, generator=torch.Generator().manual_seed(2))
+    assert out.verts.shape == (B, 64, 3) and torch.isfinite(out.verts).all()
+    assert out.grid.shape == (B, 8, 8, 8, 3)
+    # soft-argmax is a convex combination of the localised grid points
+    lo = out.grid.reshape(B, -1, 3).min(1).values.unsqueeze(1)
+    hi = out.grid.reshape(B, -1, 3).max(1).values.unsqueeze(1)
+    assert bool(((out.verts >= lo - 1e-3) & (out.verts <= hi + 1e-3)).all())
+    if not train:
+        torch.testing.assert_close(out.grid_rotation, torch.eye(3).expand(B, 3, 3))
+
+
+def test_random_grid_rotation_is_generator_driven(scene):
+    torch.manual_seed(0)
+    model = CoarseModel(CoarseConfig.tiny()).train()
+    imgs, cams = batch_of(scene, 2)
+    with torch.no_grad():
+        a = model(imgs, cams, generator=torch.Generator().manual_seed(5))
+        b = model(imgs, cams, generator=torch.Generator().manual_seed(5))
+        c = model(imgs, cams, generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(a.grid_rotation, b.grid_rotation, atol=0, rtol=0)
+    assert (a.grid_rotation - c.grid_rotation).abs().max() > 1e-3
+    assert (a.grid_rotation[0] - a.grid_rotation[1]).abs().max() > 1e-3  # one per sample
+    cfg = model.cfg
+    ref = make_grid(cfg.grid_side, cfg.grid_spacing_mm, torch.zeros(2, 3), a.grid_rotation)
+    torch.testing.assert_close(a.initial_grid, ref)
+    eye = torch.eye(3).expand(2, 3, 3)
+    torch.testing.assert_close(a.grid_rotation @ a.grid_rotation.transpose(1, 2), eye, atol=1e-5, rtol=0)
+
+
+def test_overfits_one_synthetic_frame(scene):
+    """Fixed grid (no random rotation), 4 views 48x64: v2v MSE drops >= 10x in 60 Adam steps."""
+    torch.manual_seed(0)
+    imgs, cams = batch_of(scene, 1)
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(1, 64, 3, generator=g)
+    target = 90 * target / target.norm(dim=-1, keepdim=True) + scene[2]
+    model = CoarseModel(CoarseConfig.tiny(random_grid_rotation=False)).train()
+    opt = torch.optim.Adam(model.param_groups(1e-2))
+    losses = []
+    for _ in range(60):
+        loss = (model(imgs, cams).verts - target).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert np.isfinite(losses).all()
+    assert min(losses[-5:]) < losses[0] / 10, (losses[0], losses[-5:])

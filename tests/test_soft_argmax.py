@@ -1,0 +1,91 @@
+"""Soft-argmax and the chunked / checkpointed head against naive float64 references."""
+import numpy as np
+import pytest
+import torch
+
+from tempeh.models.soft_argmax import SoftArgmaxHead, soft_argmax
+from tempeh.models.volume import make_grid
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread():
+    """Tiny ops gain nothing from threads; 2 threads on a shared, loaded machine spin-wait."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_one_hot_volume_returns_voxel_centre_exactly():
+    D = 6
+    center = torch.tensor([[12.0, -40.0, 7.5], [-100.0, 3.0, 250.0]])
+    R = torch.linalg.qr(torch.randn(2, 3, 3, generator=torch.Generator().manual_seed(0)))[0]
+    grid = make_grid(D, 25.0, center, R).reshape(2, -1, 3)  # float32, world mm
+    G = D ** 3
+    idx = torch.tensor([[0, 17, G - 1, 100], [5, 5, 200, 63]])
+    logits = torch.zeros(2, 4, G)
+    logits.scatter_(2, idx.unsqueeze(-1), 1e4)
+    out = soft_argmax(logits, grid)
+    ref = torch.gather(grid, 1, idx.unsqueeze(-1).expand(-1, -1, 3))
+    assert (out - ref).abs().max().item() < 1e-4
+
+
+def test_soft_argmax_matches_naive_loop_and_gradcheck():
+    g = torch.Generator().manual_seed(1)
+    B, N, G = 2, 3, 7
+    logits = torch.randn(B, N, G, generator=g, dtype=torch.float64)
+    coords = torch.randn(B, G, 3, generator=g, dtype=torch.float64) * 50
+    out = soft_argmax(logits, coords)
+    L, Cc = logits.numpy(), coords.numpy()
+    for b in range(B):
+        for n in range(N):
+            p = np.exp(L[b, n] - L[b, n].max())
+            p /= p.sum()
+            np.testing.assert_allclose(out[b, n].numpy(), (p[:, None] * Cc[b]).sum(0), atol=1e-10)
+    torch.autograd.gradcheck(soft_argmax, (logits.requires_grad_(), coords.requires_grad_()))
+
+
+def _run(head, feats, coords):
+    head.zero_grad()
+    f = feats.clone().requires_grad_(True)
+    c = coords.clone().requires_grad_(True)
+    out = head(f, c)
+    w = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    (out * w).sum().backward()
+    return out.detach(), f.grad, c.grad, head.weight.grad.clone(), head.bias.grad.clone()
+
+
+@pytest.mark.parametrize("checkpoint", [True, False])
+def test_chunked_equals_naive_outputs_and_gradients(checkpoint):
+    g = torch.Generator().manual_seed(2)
+    B, C, D, N = 2, 5, 3, 11  # distinct sizes; 11 vertices in chunks of 4 (last chunk partial)
+    feats = torch.randn(B, C, D, D, D, generator=g, dtype=torch.float64)
+    coords = torch.randn(B, D, D, D, 3, generator=g, dtype=torch.float64) * 30
+    naive = SoftArgmaxHead(C, N, naive=True).double()
+    with torch.no_grad():
+        naive.bias.copy_(torch.randn(N, generator=g, dtype=torch.float64))
+    chunked = SoftArgmaxHead(C, N, chunk_size=4, checkpoint=checkpoint).double()
+    chunked.load_state_dict(naive.state_dict())
+    ref = _run(naive, feats, coords)
+    got = _run(chunked, feats, coords)
+    for a, b in zip(got, ref):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-11)
+    # the naive head is the explicit 1x1x1 conv + softmax over the grid + expectation
+    logits = torch.nn.functional.conv3d(feats, naive.weight.detach().view(N, C, 1, 1, 1),
+                                        naive.bias.detach())
+    p = torch.softmax(logits.flatten(2), -1)
+    ref_xyz = (p.unsqueeze(-1) * coords.reshape(B, 1, -1, 3)).sum(2)
+    np.testing.assert_allclose(ref[0].numpy(), ref_xyz.numpy(), atol=1e-10)
+
+
+def test_head_eval_without_grad_and_shape_errors():
+    head = SoftArgmaxHead(4, 9, chunk_size=2)
+    feats = torch.randn(1, 4, 2, 2, 2)
+    coords = torch.randn(1, 2, 2, 2, 3)
+    with torch.no_grad():
+        out = head(feats, coords)
+    assert out.shape == (1, 9, 3)
+    with pytest.raises(ValueError, match="channels"):
+        head(torch.randn(1, 3, 2, 2, 2), coords)
+    with pytest.raises(ValueError, match="coordinates"):
+        head(feats, torch.randn(1, 7, 3))
