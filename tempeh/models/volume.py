@@ -126,15 +126,21 @@ def sample_views(feats: Tensor, cameras: Cameras, points: Tensor) -> Tuple[Tenso
             f"{cameras.height.unique().tolist()} differ from the feature maps {w}x{h}; "
             "resize the cameras to the feature-map resolution first (Cameras.resize)")
     P = points.shape[1]
-    cams = cameras.to(dtype=points.dtype)
-    uv, depth = cams.project(points.unsqueeze(1))  # (B,V,P,2), (B,V,P)
-    valid = cams.in_image(uv, depth)
-    g = pixels_to_grid(uv, w, h)
-    # Points behind the camera project to meaningless (possibly huge) coordinates: send every
-    # invalid point far outside [-1, 1] so grid_sample returns exact zeros for it.
-    g = torch.where(valid.unsqueeze(-1), g, torch.full_like(g, -4.0))
-    out = F.grid_sample(feats.reshape(B * V, C, h, w), g.reshape(B * V, 1, P, 2).to(feats.dtype),
-                        mode="bilinear", padding_mode="zeros", align_corners=False)
+    # Points ~1 m from the cameras need at least float32 to project to sub-pixel accuracy, so
+    # projection and sampling run outside autocast (fp16 would cost ~0.5 px at 400 px).
+    dtype = torch.promote_types(points.dtype, torch.float32)
+    with torch.autocast(device_type=feats.device.type, enabled=False):
+        cams = cameras.to(dtype=dtype)
+        uv, depth = cams.project(points.to(dtype).unsqueeze(1))  # (B,V,P,2), (B,V,P)
+        valid = cams.in_image(uv, depth)
+        g = pixels_to_grid(uv, w, h)
+        # Points behind the camera project to meaningless (possibly huge) coordinates: send
+        # every invalid point far outside [-1, 1] so grid_sample returns exact zeros for it.
+        g = torch.where(valid.unsqueeze(-1), g, torch.full_like(g, -4.0))
+        fdtype = torch.promote_types(feats.dtype, torch.float32)
+        out = F.grid_sample(feats.reshape(B * V, C, h, w).to(fdtype),
+                            g.reshape(B * V, 1, P, 2).to(fdtype),
+                            mode="bilinear", padding_mode="zeros", align_corners=False)
     sampled = out.reshape(B, V, C, P).permute(0, 1, 3, 2)
     return sampled, valid
 
