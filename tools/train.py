@@ -1,0 +1,3 @@
+from tempeh.cli.train import main
+
+raise SystemExit(main())
