@@ -18,6 +18,7 @@ import logging
 from pathlib import Path
 from typing import Optional, Sequence
 
+from tempeh.cli.common import parse_cli, setup_logging
 from tempeh.errors import TempehDataError
 
 logger = logging.getLogger(__name__)
@@ -45,12 +46,10 @@ def _parse_args(argv):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Build the cache; returns the exit code (0 ok, 1 bad data, 2 bad arguments)."""
-    try:
-        args = _parse_args(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    args, code = parse_cli(_parse_args, argv)
+    if args is None:
+        return code
+    setup_logging(args.verbose)
     if args.image_downsample <= 0:
         print("--image-downsample must be > 0")
         return 2

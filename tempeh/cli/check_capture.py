@@ -38,6 +38,7 @@ import cv2
 import numpy as np
 import torch
 
+from tempeh.cli.common import parse_cli, setup_logging
 from tempeh.cameras import Cameras
 from tempeh.errors import TempehDataError
 from tempeh.io.images import check_png_complete, image_size, read_gray, write_png
@@ -292,12 +293,11 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the check; returns the exit code (0 ok, 1 problems, 2 bad arguments)."""
-    try:
-        args = _parse_args(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
+    args, code = parse_cli(_parse_args, argv)
+    if args is None:
+        return code
     if args.verbose:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        setup_logging(True)
     report = Report()
     if not args.capture.is_dir():
         print(f"{args.capture}: capture folder not found")

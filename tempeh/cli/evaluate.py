@@ -46,6 +46,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from tqdm import tqdm
 
+from tempeh.cli.common import parse_cli, setup_logging
 from tempeh.errors import TempehDataError
 from tempeh.eval.metrics import (REPORT_REGIONS, cumulative_error_curve, scan_to_mesh,
                                  second_differences, summary, v2v_error)
@@ -330,12 +331,11 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Evaluate and/or compare; returns the exit code (0 ok, 1 failures, 2 bad arguments)."""
-    try:
-        args = _parse_args(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
+    args, code = parse_cli(_parse_args, argv)
+    if args is None:
+        return code
     if args.verbose:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        setup_logging(True)
     code = 0
     if args.pred is not None:
         code = evaluate(args)

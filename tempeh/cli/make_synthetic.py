@@ -19,6 +19,7 @@ import logging
 from pathlib import Path
 from typing import Optional, Sequence
 
+from tempeh.cli.common import parse_cli, setup_logging
 from tempeh.errors import TempehDataError
 
 logger = logging.getLogger(__name__)
@@ -57,12 +58,10 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the generator; returns 0 on success, 1 on bad data/settings, 2 on bad arguments."""
-    try:
-        args = _parse_args(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    args, code = parse_cli(_parse_args, argv)
+    if args is None:
+        return code
+    setup_logging(args.verbose)
     from tempeh.synth.writer import SyntheticConfig, write_synthetic_capture
 
     cfg = SyntheticConfig(

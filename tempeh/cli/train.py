@@ -33,6 +33,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from tempeh.cli.common import parse_cli
 from tempeh.errors import ConfigError, TempehDataError
 
 logger = logging.getLogger(__name__)
@@ -61,10 +62,9 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the selected stages; see the module docstring for arguments and exit codes."""
-    try:
-        args = _parse_args(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
+    args, code = parse_cli(_parse_args, argv)
+    if args is None:
+        return code
     from tempeh.engine import distributed as D
 
     rank0 = os.environ.get("RANK", "0") == "0"

@@ -23,6 +23,7 @@ import os
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+from tempeh.io.jsonio import read_json
 from tempeh.errors import TempehDataError
 from tempeh.io.mesh import atomic_write
 
@@ -82,12 +83,7 @@ def load_metrics(run: PathLike) -> dict:
         path = path / "metrics.json"
     if not path.is_file():
         raise TempehDataError(path, "metrics.json not found (is this an evaluate --out folder?)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as err:
-        raise TempehDataError(path, f"cannot read: {err}") from None
-    except json.JSONDecodeError as err:
-        raise TempehDataError(path, f"invalid JSON: {err.msg}", line=err.lineno) from None
+    data = read_json(path, object)
     if not isinstance(data, dict) or not isinstance(data.get("scan_to_mesh_mm", {}), dict):
         raise TempehDataError(path, "not an evaluation metrics.json (no 'scan_to_mesh_mm' object)")
     return data

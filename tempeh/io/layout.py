@@ -24,6 +24,7 @@ import os
 from pathlib import Path
 from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
+from tempeh.io.jsonio import read_json
 from tempeh.errors import TempehDataError
 from tempeh.io.mesh import atomic_write, unit_scale
 
@@ -112,14 +113,7 @@ class CaptureLayout:
         return f"CaptureLayout({str(self.root)!r})"
 
     def _read_capture_json(self, path: Path) -> None:
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError) as err:
-            raise TempehDataError(path, f"cannot read: {err}") from None
-        except json.JSONDecodeError as err:
-            raise TempehDataError(path, f"invalid JSON: {err.msg}", line=err.lineno) from None
-        if not isinstance(data, dict):
-            raise TempehDataError(path, "must hold a JSON object")
+        data = read_json(path, dict)
         unknown = set(data) - _CAPTURE_JSON_KEYS
         if unknown:
             raise TempehDataError(path, f"unknown key(s) {sorted(unknown)} "
@@ -302,14 +296,7 @@ def read_data_list(path: PathLike) -> List[FrameId]:
     path = Path(path)
     if not path.is_file():
         raise TempehDataError(path, "data list not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as err:
-        raise TempehDataError(path, f"cannot read: {err}") from None
-    except json.JSONDecodeError as err:
-        raise TempehDataError(path, f"invalid JSON: {err.msg}", line=err.lineno) from None
-    if not isinstance(data, list):
-        raise TempehDataError(path, "a data list must be a JSON list of [subject, sequence, frame]")
+    data = read_json(path, list, "a data list must be a JSON list of [subject, sequence, frame]")
     out: List[FrameId] = []
     for i, entry in enumerate(data):
         if not isinstance(entry, list) or len(entry) != 3:

@@ -21,6 +21,7 @@ from typing import Dict, Optional, Union
 
 import numpy as np
 
+from tempeh.io.jsonio import read_json
 from tempeh.errors import TempehDataError
 from tempeh.io.mesh import atomic_write, read_mesh, unit_scale, write_mesh
 from tempeh.template import Template
@@ -92,14 +93,7 @@ def load_template(mesh_path: PathLike, regions_path: Optional[PathLike] = None, 
 
 
 def _read_template_json(path: Path) -> dict:
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as err:
-        raise TempehDataError(path, f"cannot read: {err}") from None
-    except json.JSONDecodeError as err:
-        raise TempehDataError(path, f"invalid JSON: {err.msg}", line=err.lineno) from None
-    if not isinstance(meta, dict):
-        raise TempehDataError(path, "must hold a JSON object {\"name\": ..., \"units\": ...}")
+    meta = read_json(path, dict, "must hold a JSON object {\"name\": ..., \"units\": ...}")
     unknown = set(meta) - {"name", "units"}
     if unknown:
         raise TempehDataError(path, f"unknown key(s) {sorted(unknown)} (allowed: name, units)")
