@@ -1,0 +1,3 @@
+from tempeh.cli.register_sequence import main
+
+raise SystemExit(main())

@@ -1,0 +1,3 @@
+from tempeh.cli.visualize import main
+
+raise SystemExit(main())
