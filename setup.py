@@ -9,6 +9,11 @@ TOOLS = {
     "tempeh-check-capture": "tempeh.cli.check_capture:main",
     "tempeh-make-synthetic": "tempeh.cli.make_synthetic:main",
     "tempeh-evaluate": "tempeh.cli.evaluate:main",
+    "tempeh-build-cache": "tempeh.cli.build_cache:main",
+    "tempeh-train": "tempeh.cli.train:main",
+    "tempeh-fit-scans": "tempeh.cli.fit_scans:main",
+    "tempeh-register-sequence": "tempeh.cli.register_sequence:main",
+    "tempeh-visualize": "tempeh.cli.visualize:main",
 }
 
 setup(

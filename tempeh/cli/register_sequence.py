@@ -44,6 +44,7 @@ import signal
 from pathlib import Path
 from typing import Optional, Sequence
 
+from tempeh.cli.common import parse_cli, setup_logging
 from tempeh.errors import ConfigError, TempehDataError
 
 logger = logging.getLogger(__name__)
@@ -164,12 +165,10 @@ def _print_jitter(sequences: dict) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Register frames; returns the exit code (0 ok, 1 failures / interrupted, 2 bad arguments)."""
-    try:
-        args = _parse_args(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    args, code = parse_cli(_parse_args, argv)
+    if args is None:
+        return code
+    setup_logging(args.verbose)
     if args.merge:
         return _merge(args)
 

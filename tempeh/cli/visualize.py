@@ -30,6 +30,7 @@ import cv2
 import numpy as np
 import torch
 
+from tempeh.cli.common import parse_cli, setup_logging
 from tempeh.cameras import Cameras, look_at_rotation
 from tempeh.errors import TempehDataError
 
@@ -192,12 +193,10 @@ def _parse_args(argv):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Write the overlay grid (and turntable); returns 0 ok, 1 bad data, 2 bad arguments."""
-    try:
-        args = _parse_args(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    args, code = parse_cli(_parse_args, argv)
+    if args is None:
+        return code
+    setup_logging(args.verbose)
     from tempeh.data.dataset import load_views
     from tempeh.io.images import write_png
     from tempeh.io.layout import CaptureLayout, frame_id
