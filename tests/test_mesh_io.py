@@ -299,3 +299,16 @@ def test_tiny_template_dir_and_errors(tmp_path):
         load_template_dir(d)
     with pytest.raises(TempehDataError, match="no template.obj or template.ply"):
         load_template_dir(tmp_path)
+
+
+def test_atomic_writes_get_normal_file_permissions(tmp_path):
+    """Outputs are readable by the group/others as the umask allows (not mkstemp's 0600)."""
+    import os
+    from tempeh.io.mesh import atomic_write
+    mask = os.umask(0)
+    os.umask(mask)
+    p = tmp_path / "a" / "out.txt"
+    with atomic_write(p, "w") as fh:
+        fh.write("x")
+    assert p.read_text() == "x"
+    assert (p.stat().st_mode & 0o777) == (0o666 & ~mask)

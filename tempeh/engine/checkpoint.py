@@ -23,13 +23,13 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
 import torch
 
+from tempeh.io.mesh import atomic_write
 from tempeh.errors import TempehDataError
 
 logger = logging.getLogger(__name__)
@@ -43,20 +43,8 @@ _STEP_RE = re.compile(r"^step_(\d{8,})\.pt$")
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_write(path, "wb") as fh:
+        torch.save(obj, fh)
 
 
 def save_checkpoint(state: Dict[str, Any], path: PathLike) -> Path:

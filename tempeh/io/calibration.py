@@ -38,7 +38,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -90,20 +89,11 @@ def _unit_scale(units, path, key: str = "units", line: Optional[int] = None) -> 
 
 
 def _atomic_write_text(path: PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temp file in the same folder + ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write ``text`` to ``path`` atomically (:func:`tempeh.io.mesh.atomic_write`)."""
+    from tempeh.io.mesh import atomic_write
+
+    with atomic_write(path, "w") as fh:
+        fh.write(text)
 
 
 def _has_non_number(v) -> bool:

@@ -59,17 +59,29 @@ def unit_scale(units: str) -> float:
 
 
 # ---------------------------------------------------------------------------- atomic writes
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 @contextlib.contextmanager
 def atomic_write(path: PathLike, mode: str = "wb") -> Iterator[io.IOBase]:
     """Open a temporary file beside ``path`` for writing; on success rename it over ``path``.
 
     Parent folders are created. On any exception the temporary file is removed and ``path``
-    is left untouched. ``mode`` is ``"wb"`` or ``"w"`` (text, UTF-8).
+    is left untouched. ``mode`` is ``"wb"`` or ``"w"`` (text, UTF-8). The file gets the usual
+    permissions of a new file (``0o666`` less the umask), not ``mkstemp``'s private ``0o600``,
+    so outputs on a shared lab file system stay readable by colleagues.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         kw = {} if "b" in mode else {"encoding": "utf-8", "newline": "\n"}
         with os.fdopen(fd, mode, **kw) as fh:
             yield fh
