@@ -1,18 +1,10 @@
 """Optimisation-based non-rigid fitting of the template to one raw scan (issue 9).
 
-Model (template space ``X``, world ``V``, both mm)::
-
-    B_i = T_i + (sum_k phi_ik c_k) u_i                base shape: template + smooth basis
-    X_i = B_i + D_i                                   skin vertices (free offsets D)
-    X_e = R(a_k) (T_e - e_k) + e_k + w_k              eyeball k: a rigid transform (a_k, w_k)
-    V   = R0 R(omega) diag(s0 * exp(sigma)) X + t0 + tau      global rigid + per-axis scale
-
-``T`` is the template, ``phi`` Gaussian bumps on a farthest-point subset of the skin (see
-:func:`deformation_basis`; ``u`` radial from the head centre by default), ``e_k`` the template
-eyeball centres and ``(s0, R0, t0)`` the initial similarity (:mod:`tempeh.fitting.rigid`, from
-an initial mesh, landmarks or a global search). Rotation and log-scale parameters are stored
-multiplied by the template radius (one unit moves the surface by about 1 mm, like an offset),
-which keeps the problem well scaled for L-BFGS.
+Model: :mod:`tempeh.fitting.deform` (template + smooth radial basis + jaw rotation + free
+offsets, rigid eyeballs, per-axis scale, a neck articulation that turns the head relative to the
+neck base, global rigid transform). The initial similarity (:mod:`tempeh.fitting.rigid`, from an
+initial mesh, landmarks or a global search) starts in the neck articulation: the neck base is
+upright in the rig frame (prior ``w_upright``) and the head keeps the found pose.
 
 Energy of a stage (all terms mm^2, means over their elements)::
 
@@ -23,6 +15,7 @@ Energy of a stage (all terms mm^2, means over their elements)::
       + w_tan  mean_i |D_i - (D_i . n_i) n_i|^2   (optional tangential penalty)
       + w_edge edge_loss(X, B)  (optional, edge vectors)
       + w_basis mean_k c_k^2 + w_eye mean_k (|w_k - mean offset of the eyelid ring|^2 + |a_k|^2)
+      + w_articulation |jaw|^2 + w_upright radius^2 |R_global - I|_F^2 / 2
 
 ``GM_sigma`` is :func:`tempeh.losses.geman_mcclure` (kind ``"gm"``). The scan->mesh term uses
 the exact closest face of every (filtered) scan point, re-found every round. A vertex is
@@ -34,7 +27,8 @@ distance to their neighbours far above the median) are dropped before fitting an
 the stats.
 
 Note: where the scan has no geometric feature, the position of vertices ALONG the surface is
-not observable; it is decided by the priors (the radial basis, ARAP). That sliding, not the
+not observable; it is decided by the priors (the radial basis, ARAP, the jaw, the neck base
+prior: a neck turning about its own axis looks the same). That sliding, not the
 surface fit (scan->mesh median ~0.2 mm at 0.2 mm noise), dominates the vertex error.
 
 Schedule: :class:`FitConfig.stages` (coarse to fine: decreasing regularisation and robust
@@ -54,13 +48,14 @@ import numpy as np
 import torch
 from scipy.spatial import cKDTree
 
+from tempeh.fitting.deform import (DeformModel, deformation_basis, farthest_point_sampling,
+                                   jaw_weight, neck_weight)
+from tempeh.fitting.energy import (Match, Reg, arap_energy, data_weights, edge_ops,
+                                   group_regions, stage_energy)
 from tempeh.fitting.rigid import Similarity, global_align, robust_icp, similarity_from_correspondences
-from tempeh.geometry.mesh_ops import unique_edges, vertex_normals
-from tempeh.geometry.point_to_surface import (closest_faces, point_to_surface,
-                                              point_triangle_distance_sq)
+from tempeh.geometry.mesh_ops import vertex_normals
+from tempeh.geometry.point_to_surface import closest_faces, point_to_surface
 from tempeh.geometry.regions import edge_vertex_weights, edge_weights as edge_weights_fn
-from tempeh.geometry.rotations import axis_angle_to_matrix
-from tempeh.losses import edge_loss, geman_mcclure
 from tempeh.template import Template
 
 logger = logging.getLogger(__name__)
@@ -107,6 +102,9 @@ class FitStage:
     optimize_offsets: bool = True
     """Optimise the free per-vertex offsets (False: global rigid + scale, the smooth basis and
     the eyeballs only)."""
+    optimize_basis: bool = True
+    """Optimise the smooth basis coefficients (False in a pose stage: global similarity, neck,
+    jaw and eyeballs only, so the basis does not absorb an open jaw or a head turn)."""
 
 
 def _default_stages() -> List[FitStage]:
@@ -170,6 +168,20 @@ class FitConfig:
     """Optimisation dtype, ``"float64"`` or ``"float32"``."""
     seed: int = 0
     """Seeds the scan subsample and the alignment search."""
+    neck_bands: int = 3
+    """Bands of the neck articulation (:func:`tempeh.fitting.deform.neck_weight`): the head
+    turns relative to the neck base with a bend profile of this many pieces; 0 disables."""
+    jaw: bool = True
+    """Fit a jaw rotation (:func:`tempeh.fitting.deform.jaw_weight`; needs a mouth slit)."""
+    w_articulation: float = 1e-4
+    """Ridge weight on the jaw rotation parameters (mm^2 units, see the model)."""
+    w_upright: float = 1e-2
+    """Weight of the neck-base prior ``radius^2 |R_global - I|_F^2 / 2`` (mm^2): the subject's
+    torso faces the rig front (template frame: y up, face towards +z, the assumption the global
+    search also makes), so a head turn goes into the neck articulation; the scan cannot tell
+    (a neck is close to a cylinder about its own axis). With it, the initial rotation starts
+    in the articulation. 0 disables (and keeps the initial rotation global); not used with an
+    initial mesh (its pose is kept as given)."""
 
 
 @dataclass
@@ -181,7 +193,9 @@ class FitResult:
     stats: Dict[str, object]
     """Diagnostics: ``align`` (method), ``scan_points``, ``filtered_points``,
     ``s2m_median_mm`` / ``s2m_mean_mm`` (final scan->mesh distances of the kept points),
-    ``covered_fraction``, ``scale_axes``, ``time_s``, per-stage ``stages`` entries."""
+    ``covered_fraction``, ``scale_axes``, ``neck_rotation_deg`` (per band, the head turn
+    relative to the neck base in the last one), ``jaw_rotation_deg``, ``time_s``, per-stage
+    ``stages`` entries."""
     transform: Similarity
     """The initial similarity (template -> scan) found by the alignment step."""
 
@@ -288,210 +302,6 @@ def _eyeballs(template: Template, cfg: FitConfig) -> List[Tuple[np.ndarray, np.n
     return out
 
 
-# ------------------------------------------------------------------------------- fitting
-def farthest_point_sampling(points: np.ndarray, spacing: float) -> np.ndarray:
-    """Indices of a greedy farthest-point subset of ``points (M, 3)`` whose every point lies
-    within ``spacing`` (mm) of a chosen one; starts at the point nearest the centroid."""
-    pts = np.asarray(points, dtype=np.float64)
-    first = int(np.argmin(((pts - pts.mean(0)) ** 2).sum(1)))
-    chosen = [first]
-    d = np.linalg.norm(pts - pts[first], axis=1)
-    while d.max() > spacing:  # one vectorised update per chosen centre
-        k = int(np.argmax(d))
-        chosen.append(k)
-        d = np.minimum(d, np.linalg.norm(pts - pts[k], axis=1))
-    return np.asarray(chosen, dtype=np.int64)
-
-
-def head_centre(template: Template) -> np.ndarray:
-    """``(3,)`` template-space head centre, mm: the midpoint of the ear centroids when the
-    template has both ear regions, else the centre of the bounding box."""
-    if all(len(template.regions.get(r, ())) for r in ("left_ear", "right_ear")):
-        return 0.5 * (template.verts[template.regions["left_ear"]].mean(0)
-                      + template.verts[template.regions["right_ear"]].mean(0))
-    return 0.5 * (template.verts.min(0) + template.verts.max(0))
-
-
-def deformation_basis(template: Template, skin: np.ndarray, cfg: "FitConfig"
-                      ) -> Tuple[np.ndarray, np.ndarray]:
-    """Smooth low-dimensional displacement basis of the coarse stages.
-
-    ``K`` Gaussian bumps (std ``cfg.basis_width_mm``) centred on a farthest-point subset of the
-    skin vertices (spacing ``cfg.basis_spacing_mm``), each displacing vertex ``i`` along the
-    direction ``u_i``: from the head centre (``cfg.basis_direction = "radial"``) or the
-    template vertex normal (``"normal"``). Bumps are Euclidean (they cross the mouth slit, so
-    the lips move together) and the eyeballs are excluded (they move rigidly).
-
-    Returns:
-        ``phi (N, K)`` unitless weights (0 on eyeballs), ``u (N, 3)`` unit directions.
-    """
-    T = template.verts
-    c = farthest_point_sampling(T[skin], cfg.basis_spacing_mm)
-    centres = T[skin][c]
-    d2 = ((T[:, None, :] - centres[None]) ** 2).sum(-1)
-    phi = np.exp(-0.5 * d2 / cfg.basis_width_mm ** 2) * skin[:, None]
-    if cfg.basis_direction == "radial":
-        u = T - head_centre(template)
-    elif cfg.basis_direction == "normal":
-        u = vertex_normals(torch.as_tensor(T)[None], torch.as_tensor(template.faces))[0].numpy()
-    else:
-        raise ValueError(f"FitConfig.basis_direction must be 'radial' or 'normal', "
-                         f"got {cfg.basis_direction!r}")
-    u = u / np.maximum(np.linalg.norm(u, axis=1, keepdims=True), 1e-12)
-    return phi, u
-
-
-class _Model:
-    """Holds the parameters and builds ``X`` (template space) and ``V`` (world)."""
-
-    def __init__(self, template: Template, T0: Similarity, eyes, phi: np.ndarray, u: np.ndarray,
-                 device, dtype, init_verts: Optional[np.ndarray]):
-        kw = dict(device=device, dtype=dtype)
-        self.T = torch.as_tensor(template.verts, **kw)
-        N = template.num_verts
-        self.radius = float(np.sqrt(((template.verts - template.verts.mean(0)) ** 2).sum(1).mean()))
-        self.eyes = [(torch.as_tensor(e, device=device), torch.as_tensor(r, device=device))
-                     for e, r in eyes]
-        self.centres = [self.T[e].mean(0) for e, _ in self.eyes]
-        skin = torch.ones(N, dtype=torch.bool, device=device)
-        for e, _ in self.eyes:
-            skin[e] = False
-        self.skin = skin
-        self.skin_f = skin.to(dtype)[:, None]
-        self.nT = vertex_normals(self.T[None], torch.as_tensor(template.faces, device=device))[0]
-        self.phi = torch.as_tensor(phi, **kw)
-        self.u = torch.as_tensor(u, **kw)
-        self.R0 = torch.as_tensor(T0.R, **kw)
-        self.s0 = float(T0.scale)
-        self.t0 = torch.as_tensor(T0.t, **kw)
-        self.coef = torch.zeros(phi.shape[1], **kw)
-        self.D = torch.zeros(N, 3, **kw)
-        self.omega = torch.zeros(3, **kw)
-        self.logs = torch.zeros(3, **kw)
-        self.tau = torch.zeros(3, **kw)
-        self.eye_a = torch.zeros(len(self.eyes), 3, **kw)
-        self.eye_u = torch.zeros(len(self.eyes), 3, **kw)
-        if init_verts is not None:
-            self._from_mesh(template, T0, init_verts, kw)
-
-    def _from_mesh(self, template: Template, T0: Similarity, init_verts: np.ndarray, kw) -> None:
-        """Set the basis coefficients (ridge least squares of the offsets along ``u``), the
-        free offsets (the remainder) and the eyeball transforms from an initial mesh."""
-        X = T0.inverse_apply(init_verts)
-        off = (X - template.verts) * self.skin_f.cpu().numpy()
-        phi = self.phi.cpu().numpy()
-        along = (off * self.u.cpu().numpy()).sum(1)
-        A = phi.T @ phi + 1e-3 * np.eye(phi.shape[1])
-        coef = np.linalg.solve(A, phi.T @ along)
-        self.coef = torch.as_tensor(coef, **kw)
-        self.D = torch.as_tensor(off, **kw) - self.basis_offsets()
-        for k, (e, _) in enumerate(self.eyes):
-            ei = e.cpu().numpy()
-            S = similarity_from_correspondences(template.verts[ei], X[ei], with_scale=False)
-            c = self.centres[k].cpu().numpy()
-            self.eye_a[k] = torch.as_tensor(_matrix_to_axis_angle(S.R) * self.radius, **kw)
-            self.eye_u[k] = torch.as_tensor(S.apply(c) - c, **kw)
-
-    def params(self, offsets: bool) -> List[torch.Tensor]:
-        ps = [self.omega, self.logs, self.tau, self.coef, self.eye_a, self.eye_u]
-        return ps + [self.D] if offsets else ps
-
-    def basis_offsets(self) -> torch.Tensor:
-        """``(N, 3)`` smooth offsets of the basis, template space mm (0 on eyeballs)."""
-        return (self.phi @ self.coef)[:, None] * self.u
-
-    def template_space(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(X, B)``: the deformed vertices and the base shape (template + basis offsets),
-        both ``(N, 3)`` template space mm; eyeballs placed by their rigid transforms in X."""
-        B = self.T + self.basis_offsets()
-        X = B + self.D * self.skin_f
-        for k, (e, _) in enumerate(self.eyes):
-            R = axis_angle_to_matrix(self.eye_a[k] / self.radius)
-            c = self.centres[k]
-            X = X.index_copy(0, e, (self.T[e] - c) @ R.T + c + self.eye_u[k])
-        return X, B
-
-    def rotation(self) -> torch.Tensor:
-        return self.R0 @ axis_angle_to_matrix(self.omega / self.radius)
-
-    def scale_axes(self) -> torch.Tensor:
-        return self.s0 * torch.exp(self.logs / self.radius)
-
-    def world(self, X: torch.Tensor) -> torch.Tensor:
-        """``(N, 3)`` V, world mm."""
-        return (X * self.scale_axes()) @ self.rotation().T + self.t0 + self.tau
-
-
-def _matrix_to_axis_angle(R: np.ndarray) -> np.ndarray:
-    cos = np.clip((np.trace(R) - 1.0) / 2.0, -1.0, 1.0)
-    ang = math.acos(cos)
-    if ang < 1e-8:
-        return np.zeros(3)
-    w = np.array([R[2, 1] - R[1, 2], R[0, 2] - R[2, 0], R[1, 0] - R[0, 1]])
-    if ang > math.pi - 1e-6:  # near pi: from the symmetric part
-        M = (R + np.eye(3)) / 2.0
-        axis = np.sqrt(np.clip(np.diag(M), 0.0, None))
-        i = int(np.argmax(axis))
-        axis = M[:, i] / max(axis[i], 1e-12)
-        return axis / np.linalg.norm(axis) * ang
-    return w / (2.0 * math.sin(ang)) * ang
-
-
-def _edge_ops(faces: np.ndarray, skin: np.ndarray, device, dtype):
-    """Skin-skin edges ``(E, 2)`` and vertex degrees over them ``(N,)`` (>= 1)."""
-    e = unique_edges(torch.as_tensor(faces))
-    sk = torch.as_tensor(skin)
-    e = e[sk[e[:, 0]] & sk[e[:, 1]]].to(device)
-    deg = torch.zeros(len(skin), device=device, dtype=dtype)
-    deg.index_add_(0, e.reshape(-1), torch.ones(e.numel(), device=device, dtype=dtype))
-    return e, deg.clamp_min(1.0)
-
-
-def _lap(D: torch.Tensor, e: torch.Tensor, deg: torch.Tensor) -> torch.Tensor:
-    """Uniform Laplacian ``D_i - mean_{j~i} D_j`` over the edges ``e``, ``(N, 3)``."""
-    acc = torch.zeros_like(D)
-    acc = acc.index_add(0, e[:, 0], D[e[:, 1]]).index_add(0, e[:, 1], D[e[:, 0]])
-    return D - acc / deg[:, None]
-
-
-def arap_energy(X: torch.Tensor, B: torch.Tensor, edges: torch.Tensor,
-                weights: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """As-rigid-as-possible energy of ``X`` relative to the rest shape ``B``.
-
-    ``sum_{(i,j)} w_ij (|x_ij - R_i b_ij|^2 + |x_ji - R_j b_ji|^2) / (2 sum w)`` with
-    ``x_ij = X_i - X_j``, ``b_ij = B_i - B_j`` and ``R_i`` the rotation that best maps the
-    rest edges of vertex ``i`` onto the deformed ones (orthogonal Procrustes, batched SVD).
-    The rotations are found without autograd: they minimise the energy, so by the envelope
-    theorem the gradient w.r.t. ``X`` and ``B`` is exact with them held fixed.
-
-    Args:
-        X, B: ``(N, 3)`` mm. edges: ``(E, 2)`` int64. weights: ``(E,)`` (None: 1).
-    Returns:
-        Scalar, mm^2 (invariant to rotating any vertex neighbourhood rigidly).
-    """
-    i, j = edges[:, 0], edges[:, 1]
-    w = torch.ones(len(edges), dtype=X.dtype, device=X.device) if weights is None else weights
-    with torch.no_grad():
-        xe = X[i] - X[j]
-        be = B[i] - B[j]
-        outer = w[:, None, None] * be[:, :, None] * xe[:, None, :]  # (E, 3, 3) b x^T
-        S = torch.zeros(X.shape[0], 3, 3, dtype=X.dtype, device=X.device)
-        S = S.index_add(0, i, outer).index_add(0, j, outer)  # b_ji x_ji^T = b_ij x_ij^T
-        U, _, Vh = torch.linalg.svd(S)
-        R = Vh.transpose(-1, -2) @ U.transpose(-1, -2)
-        flip = torch.det(R) < 0
-        if bool(flip.any()):
-            Vf = Vh.transpose(-1, -2).clone()
-            Vf[flip, :, 2] *= -1.0
-            R = torch.where(flip[:, None, None], Vf @ U.transpose(-1, -2), R)
-    xe = X[i] - X[j]
-    be = B[i] - B[j]
-    ri = (R[i] @ be[:, :, None])[..., 0]
-    rj = (R[j] @ be[:, :, None])[..., 0]
-    res = (xe - ri).square().sum(1) + (xe - rj).square().sum(1)
-    return (w * res).sum() / (2.0 * w.sum())
-
-
 def fit_scan(scan: np.ndarray, template: Template, cfg: Optional[FitConfig] = None,
              init_verts: Optional[np.ndarray] = None,
              landmarks: Optional[Tuple[np.ndarray, np.ndarray]] = None,
@@ -544,18 +354,22 @@ def _fit(scan, template: Template, cfg: FitConfig, init_verts, landmarks, device
         skin_np[e] = False
     T0, how, align_cost = _initial_transform(pts, template, cfg, init_verts, landmarks, skin_np)
     phi, u = deformation_basis(template, skin_np, cfg)
-    model = _Model(template, T0, eyes, phi, u, dev, dtype, init_verts)
+    neck = neck_weight(template, cfg.neck_bands)
+    jaw = jaw_weight(template) if cfg.jaw else None
+    model = DeformModel(template, T0, eyes, phi, u, dev, dtype, init_verts, neck, jaw,
+                        split_pose=cfg.w_upright > 0)
 
     faces_t = torch.as_tensor(template.faces, device=dev, dtype=torch.long)
     scan_t = torch.as_tensor(pts, device=dev, dtype=dtype)[None]
     tree = cKDTree(pts)
-    edges, deg = _edge_ops(template.faces, skin_np, dev, dtype)
+    edges, deg = edge_ops(template.faces, skin_np, dev, dtype)
     ew_groups = {g: w for g, w in cfg.edge_weights.items()
-                 if all(r in template.regions for r in _group_regions(g))}
+                 if all(r in template.regions for r in group_regions(g))}
     vw = edge_vertex_weights(template.regions, ew_groups, template.faces, N, dtype=torch.float64)
-    reg = _Reg(edges=edges, ew=edge_weights_fn(vw, edges.cpu()).to(device=dev, dtype=dtype),
+    reg = Reg(edges=edges, ew=edge_weights_fn(vw, edges.cpu()).to(device=dev, dtype=dtype),
                deg=deg, lap_w=vw.to(device=dev, dtype=dtype), w_eye=cfg.w_eye,
-               w_basis=cfg.w_basis)
+               w_basis=cfg.w_basis, w_art=cfg.w_articulation,
+              w_upright=cfg.w_upright if init_verts is None else 0.0)
 
     stages = list(cfg.stages)
     if init_verts is not None:
@@ -564,8 +378,8 @@ def _fit(scan, template: Template, cfg: FitConfig, init_verts, landmarks, device
     covered_frac = 0.0
     for si, st in enumerate(stages):
         t0 = time.perf_counter()
-        params = model.params(st.optimize_offsets)
-        dw = _data_weights(template, st.data_region_weights, dev, dtype)
+        params = model.params(st.optimize_offsets, basis=st.optimize_basis)
+        dw = data_weights(template, st.data_region_weights, dev, dtype)
         for p in params:
             p.requires_grad_(True)
         for _ in range(st.outer):
@@ -579,7 +393,7 @@ def _fit(scan, template: Template, cfg: FitConfig, init_verts, landmarks, device
             cov = (dn < st.m2s_max_mm) & (cos >= cfg.m2s_min_cos) & skin_np
             covered_frac = float(cov[skin_np].mean())
             tri = faces_t[fidx]
-            match = _Match(tri=tri, cov=torch.as_tensor(np.nonzero(cov)[0], device=dev),
+            match = Match(tri=tri, cov=torch.as_tensor(np.nonzero(cov)[0], device=dev),
                            q=torch.as_tensor(pts[jn[cov]], device=dev, dtype=dtype),
                            qn=torch.as_tensor(nrm[jn[cov]], device=dev, dtype=dtype),
                            w_pts=None, w_cov=None)
@@ -592,7 +406,7 @@ def _fit(scan, template: Template, cfg: FitConfig, init_verts, landmarks, device
 
             def closure():
                 opt.zero_grad()
-                loss = sum(_energy(model, st, scan_t, match, reg).values())
+                loss = sum(stage_energy(model, st, scan_t, match, reg).values())
                 loss.backward()
                 return loss
 
@@ -600,7 +414,7 @@ def _fit(scan, template: Template, cfg: FitConfig, init_verts, landmarks, device
         for p in params:
             p.requires_grad_(False)
         with torch.no_grad():
-            terms = _energy(model, st, scan_t, match, reg)
+            terms = stage_energy(model, st, scan_t, match, reg)
         stage_stats.append({"stage": si, "time_s": time.perf_counter() - t0,
                             "covered_fraction": covered_frac,
                             **{k: float(v) for k, v in terms.items()}})
@@ -615,100 +429,12 @@ def _fit(scan, template: Template, cfg: FitConfig, init_verts, landmarks, device
              "s2m_median_mm": float(np.median(d)), "s2m_mean_mm": float(np.mean(d)),
              "covered_fraction": covered_frac, "basis_size": int(phi.shape[1]),
              "scale_axes": model.scale_axes().cpu().tolist(),
+             "neck_rotation_deg": [math.degrees(float(r.norm()) / model.radius)
+                                   for r in model.rho.cpu()],
+             "jaw_rotation_deg": math.degrees(float(model.jaw.norm()) / model.radius),
              "stages": stage_stats, "time_s": time.perf_counter() - t_start,
              "device": str(dev)}
     return FitResult(verts=verts, stats=stats, transform=T0)
-
-
-def _group_regions(group: str) -> Tuple[str, ...]:
-    from tempeh.geometry.regions import WEIGHT_GROUPS
-
-    if group not in WEIGHT_GROUPS:
-        raise ValueError(f"FitConfig.edge_weights: unknown group '{group}' "
-                         f"(known: {', '.join(WEIGHT_GROUPS)})")
-    return WEIGHT_GROUPS[group]
-
-
-@dataclass
-class _Match:
-    """Correspondences of one round (fixed while L-BFGS runs)."""
-
-    tri: torch.Tensor   # (Q, 3) vertex ids of the closest face of every scan point
-    cov: torch.Tensor   # (C,) covered vertex ids
-    q: torch.Tensor     # (C, 3) their nearest scan points, mm
-    qn: torch.Tensor    # (C, 3) scan normals there
-    w_pts: Optional[torch.Tensor]  # (Q,) data weight of every scan point (None: 1)
-    w_cov: Optional[torch.Tensor]  # (C,) data weight of every covered vertex (None: 1)
-
-
-def _wmean(x: torch.Tensor, w: Optional[torch.Tensor]) -> torch.Tensor:
-    return x.mean() if w is None else (w * x).sum() / w.sum().clamp_min(1e-12)
-
-
-def _data_weights(template: Template, groups: Dict[str, float], device, dtype
-                  ) -> Optional[torch.Tensor]:
-    """``(N,)`` per-vertex data weights of a stage, or None when all are 1."""
-    present = {g: w for g, w in groups.items()
-               if any(r in template.regions for r in _group_regions(g))}
-    if not present:
-        return None
-    from tempeh.geometry.regions import WEIGHT_GROUPS
-
-    regions = {r: template.regions[r] for g in present for r in WEIGHT_GROUPS[g]
-               if r in template.regions}
-    w = torch.ones(template.num_verts, dtype=torch.float64)
-    for g, val in present.items():  # only present regions (vertex_weights needs all or default)
-        for r in WEIGHT_GROUPS[g]:
-            if r in regions:
-                w[torch.as_tensor(regions[r])] = float(val)
-    return w.to(device=device, dtype=dtype)
-
-
-@dataclass
-class _Reg:
-    """Regulariser data (fixed for a fit)."""
-
-    edges: torch.Tensor
-    ew: torch.Tensor
-    deg: torch.Tensor
-    lap_w: torch.Tensor
-    w_eye: float
-    w_basis: float
-
-
-def _energy(model: _Model, st: FitStage, scan_t: torch.Tensor, m: _Match, reg: _Reg
-            ) -> Dict[str, torch.Tensor]:
-    """The stage energy terms (``loss_*``, each already weighted, mm^2).
-
-    The scan->mesh distance is the exact distance to the closest face found at the start of
-    the round (re-found every round)."""
-    X, B = model.template_space()
-    V = model.world(X)
-    terms: Dict[str, torch.Tensor] = {}
-    d2 = point_triangle_distance_sq(scan_t[0], V[m.tri[:, 0]], V[m.tri[:, 1]], V[m.tri[:, 2]])
-    terms["loss_s2m"] = st.w_s2m * _wmean(geman_mcclure(d2, sigma=st.sigma_mm, kind="gm"), m.w_pts)
-    if m.cov.numel():
-        r = ((V[m.cov] - m.q) * m.qn).sum(1)
-        terms["loss_m2s"] = st.w_m2s * _wmean(geman_mcclure(r * r, sigma=st.sigma_mm, kind="gm"),
-                                              m.w_cov)
-    if st.optimize_offsets:
-        if st.w_arap > 0:
-            terms["loss_arap"] = st.w_arap * arap_energy(X, B, reg.edges, reg.ew)
-        if st.w_edge > 0:
-            terms["loss_edge"] = st.w_edge * edge_loss(X[None], B[None], reg.edges, reg.ew)
-        if st.w_tan > 0:
-            Dn = (model.D * model.nT).sum(1, keepdim=True) * model.nT
-            terms["loss_tan"] = st.w_tan * ((model.D - Dn) * model.skin_f).square().sum(1).mean()
-        if st.w_lap > 0:
-            L = _lap(model.D * model.skin_f, reg.edges, reg.deg)
-            terms["loss_lap"] = st.w_lap * (reg.lap_w[:, None] * L.square()).sum(1).mean()
-    terms["loss_basis"] = reg.w_basis * model.coef.square().mean()
-    if model.eyes:
-        off = X - model.T
-        eye = [(model.eye_u[k] - off[ring].mean(0)).square().sum() + model.eye_a[k].square().sum()
-               for k, (_, ring) in enumerate(model.eyes)]
-        terms["loss_eye"] = reg.w_eye * torch.stack(eye).mean()
-    return terms
 
 
 def fit_config_from_dict(data: dict, source: str = "<dict>") -> FitConfig:
