@@ -34,6 +34,11 @@ install: $(STAMP)
 test: $(STAMP)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m pytest -q -p no:cacheprovider --timeout=900 tests $(PYTEST_ARGS)
 
+# The embedded default end to end (synthetic capture, both stages, held-out evaluation) into
+# $(DEMO_OUT); a rerun reuses finished phases (python tools/demo.py --fresh redoes everything).
+demo: $(STAMP)
+	$(PY) tools/demo.py --out $(DEMO_OUT)
+
 train-coarse: $(STAMP)
 	$(PY) tools/train.py --run-dir $(RUN) $(foreach c,$(CONFIG),--config $(c)) --stages coarse_pretrain,coarse,cache_coarse $(ARGS)
 
