@@ -16,7 +16,7 @@ from tempeh.models.coarse import CoarseConfig, CoarseModel
 from tempeh.models.refine import RefineConfig, RefineModel
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))  # incl. configs/demo_cpu/
 
 
 def write(path: Path, text: str) -> Path:
@@ -30,7 +30,7 @@ def test_configs_exist():
             "demo_cpu.yaml"} <= names
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(REPO / "configs")))
 def test_every_shipped_config_loads_and_validates(path, tmp_path):
     cfg = load_config(path)
     assert isinstance(cfg, TrainConfig)
