@@ -39,15 +39,6 @@ def render_sphere(cams, center, radius):
     return img.reshape(V, 1, H, W).float()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    """Tiny ops gain nothing from threads, and 2 threads on a shared, loaded 2-core machine
-    spin-wait (measured 20x slower); restore the session setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def scene():

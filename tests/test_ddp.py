@@ -15,7 +15,7 @@ import torch
 from tempeh.config import load_config
 from tempeh.engine.checkpoint import load_checkpoint
 from tempeh.engine.trainer import Trainer
-from test_trainer import capture, cfg_dir, one_thread  # noqa: F401 (fixtures)
+from test_trainer import capture, cfg_dir  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 

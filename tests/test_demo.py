@@ -4,7 +4,6 @@ refinement setting retrains the refinement only; bad arguments exit with 2."""
 import json
 from pathlib import Path
 
-import pytest
 import torch
 
 from tempeh.cli.demo import main
@@ -14,14 +13,6 @@ from tempeh.engine.stages import default_config_dir
 TINY = ["--subjects", "3", "--sequences-per-subject", "1", "--frames-per-sequence", "2",
         "--views", "4", "--image-downsample", "16", "--scan-points", "1500",
         "--iterations-scale", "0.004", "--overlays", "1", "--workers", "1", "-q"]
-
-
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _step(stage_dir: Path) -> int:
@@ -41,7 +32,7 @@ def test_demo_configs_resolve_and_chain():
     assert pre.model.num_verts == 1292 and pre.run.device == "cpu"
 
 
-def test_demo_end_to_end_then_reuse(tmp_path, capsys, one_thread):
+def test_demo_end_to_end_then_reuse(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["--out", str(out)] + TINY) == 0
     printed = capsys.readouterr().out

@@ -9,14 +9,6 @@ from tempeh.models.feature_net import FeatureNet2D
 TINY = dict(blocks=(1, 1, 1, 1), widths=(8, 8, 16, 16), stem_width=8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    """Tiny ops gain nothing from threads; 2 threads on a shared, loaded machine spin-wait."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.mark.parametrize("size,upsample", [((37, 51), "bilinear"), ((32, 64), "nearest"),
                                            ((9, 13), "bilinear")])

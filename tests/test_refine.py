@@ -50,15 +50,6 @@ def _render_sphere(cams, radius):
     return torch.from_numpy(img).float().reshape(1, V, 1, H, W)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These tiny convolutions gain nothing from 2 threads, and on a loaded machine OpenMP's
-    spinning barriers make them many times slower: run this module single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def scene():

@@ -5,7 +5,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 
 from tempeh.cli.register_sequence import main
 from tempeh.io.layout import CaptureLayout, FrameId
@@ -15,13 +14,6 @@ from tempeh.register import mesh_path, sequence_npz_path
 FRAMES = 4
 SEQS = ("seqA", "seqB")
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import torch
 
 from tempeh.engine import checkpoint as C
 from tempeh.engine.trainer import Trainer
-from test_trainer import capture, cfg_dir, one_thread, tiny_config  # noqa: F401 (fixtures)
+from test_trainer import capture, cfg_dir, tiny_config  # noqa: F401 (fixtures)
 
 # coarse phase 2 losses (v2v eyeballs + s2m + edge), augmentation and random grid rotations on,
 # warm-up + cosine schedule, clipping: every piece of state that resume must restore

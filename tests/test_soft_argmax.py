@@ -7,14 +7,6 @@ from tempeh.models.soft_argmax import SoftArgmaxHead, soft_argmax
 from tempeh.models.volume import make_grid
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    """Tiny ops gain nothing from threads; 2 threads on a shared, loaded machine spin-wait."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def test_one_hot_volume_returns_voxel_centre_exactly():
     D = 6

@@ -13,7 +13,7 @@ from tempeh.config import load_config
 from tempeh.engine.stages import select_stages, split_overrides, stage_config_files
 from tempeh.engine.trainer import Trainer
 from tempeh.errors import ConfigError, TempehDataError
-from test_trainer import capture, cfg_dir, one_thread, tiny_config  # noqa: F401 (fixtures)
+from test_trainer import capture, cfg_dir, tiny_config  # noqa: F401 (fixtures)
 
 
 def _ckpt_step(stage_dir: Path) -> int:

@@ -29,14 +29,6 @@ REFINE_MODEL = """model: {feature_channels: 4, feature_blocks: [1, 1, 1, 1], fea
 DATA = "data: {min_views: 2, max_views: 4, scan_points: 200, num_workers: 0}\n"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is several times faster than two on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def make_capture(root, num_frames: int = 6, num_views: int = 4, seed: int = 0) -> Path:
     """A tiny capture (48x36 images, spheres of ~90 mm, gt meshes) with a 162-vertex

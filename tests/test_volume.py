@@ -10,14 +10,6 @@ from tempeh.models.volume import (fuse_mean_var, grid_offsets, make_grid, sample
                                   weighted_mean_var)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    """Tiny ops gain nothing from threads; 2 threads on a shared, loaded machine spin-wait."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def make_rig(V, W, H, f, dist=None, radius=1000.0, dtype=torch.float64, seed=0):
     """V cameras on the front half of a sphere around the origin, looking at the origin."""
