@@ -4,8 +4,9 @@ Two settings, random weights (timing does not depend on them), each in a FRESH s
 peak resident memory (``ru_maxrss``; on CUDA also ``torch.cuda.max_memory_allocated``) is
 reported:
 
-* ``demo``: the coarse network of ``configs/demo_cpu.yaml`` (1292 vertices, 4 views of 400x300
-  stored, downsampled by 4), coarse only (the demo trains no refinement);
+* ``demo``: the networks ``make demo`` trains, ``configs/demo_cpu/coarse.yaml`` +
+  ``configs/demo_cpu/refine.yaml`` (1292 vertices, 8 views of 200x150 stored; coarse at 100x75,
+  refinement at 200x150), coarse + refinement;
 * ``paper``: ``configs/paper.yaml`` + ``configs/refine.yaml`` (5023 vertices, 16 views of
   400x300 stored; coarse at 200x150, refinement at 400x300), coarse + refinement.
 
@@ -146,30 +147,30 @@ def measure(setting: str = "demo", frames: int = 6, device: str = "cpu",
     if threads:
         torch.set_num_threads(int(threads))
     if setting == "demo":
-        ccfg = load_config(REPO_CONFIGS / "demo_cpu.yaml")
-        stages = {"coarse": ccfg}
-        views, extra = 4, ["--coarse-only"]
+        ccfg = load_config(REPO_CONFIGS / "demo_cpu" / "coarse.yaml")
+        rcfg = load_config(REPO_CONFIGS / "demo_cpu" / "refine.yaml")
+        views, (width, height) = 8, (200, 150)
     elif setting == "paper":
         ccfg = load_config(REPO_CONFIGS / "paper.yaml")
         rcfg = load_config(REPO_CONFIGS / "refine.yaml", ["data.image_downsample=1"])
-        stages = {"coarse": ccfg, "refine": rcfg}
-        views, extra = 16, []
+        views, (width, height) = 16, (400, 300)
     else:
         raise ValueError(f"unknown setting {setting!r} (demo, paper)")
     n = ccfg.model.num_verts
-    out = {"setting": setting, "num_verts": n, "views": views, "stored_image": [400, 300],
+    stages = {"coarse": ccfg, "refine": rcfg}
+    out = {"setting": setting, "num_verts": n, "views": views, "stored_image": [width, height],
            "coarse_downsample": ccfg.data.image_downsample,
-           "refine": "refine" in stages, "frames": frames, "device": device,
+           "refine": True, "frames": frames, "device": device,
            "threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        cap = write_tiny_capture(tmp / "cap", num_frames=frames, num_views=views, width=400,
-                                 height=300, scan_points=10)
+        cap = write_tiny_capture(tmp / "cap", num_frames=frames, num_views=views, width=width,
+                                 height=height, scan_points=10)
         write_random_run(tmp / "run", _sphere_template(n), stages)
         out["rss_before_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
         t0 = time.perf_counter()
         code = register_main(["--model", str(tmp / "run"), "--data", str(cap), "--all", "--out",
-                              str(tmp / "out"), "--device", device, "--workers", "1", "-q"] + extra)
+                              str(tmp / "out"), "--device", device, "--workers", "1", "-q"])
         out["wall_s_with_model_loading"] = round(time.perf_counter() - t0, 3)
         man = json.loads((tmp / "out" / "manifest.json").read_text())
     out["exit_code"] = code
