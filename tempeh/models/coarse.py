@@ -15,7 +15,7 @@ Feature maps are at the input image resolution, so ``cameras`` must describe the
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -24,7 +24,7 @@ from torch import Tensor
 
 from tempeh.cameras import Cameras
 from tempeh.geometry.rotations import random_rotations
-from tempeh.models.feature_net import FeatureNet2D
+from tempeh.models.feature_net import FeatureNetConfig
 from tempeh.models.localizer import Localizer, LocalizerOutput, warp_grid
 from tempeh.models.soft_argmax import SoftArgmaxHead
 from tempeh.models.unet3d import UNet3D
@@ -36,25 +36,13 @@ __all__ = ["CoarseConfig", "CoarseModel", "CoarseOutput"]
 
 
 @dataclass
-class CoarseConfig:
-    """Coarse-stage network configuration (defaults = paper scale, synthetic world frame)."""
+class CoarseConfig(FeatureNetConfig):
+    """Coarse-stage network configuration (defaults = paper scale, synthetic world frame).
+    The feature-net fields (``image_channels``, ``feature_*``) come from
+    :class:`~tempeh.models.feature_net.FeatureNetConfig`."""
 
     num_verts: int = 5023
     """Number of template vertices ``N`` predicted (one soft-argmax channel each)."""
-    image_channels: int = 1
-    """Input image channels (1: grey-scale stereo images in [0, 1])."""
-    feature_channels: int = 8
-    """Feature channels ``d_f`` of the 2D feature net (the fused volume has ``2 d_f``)."""
-    feature_blocks: Tuple[int, ...] = (3, 4, 6, 3)
-    """BasicBlocks per ResNet layer ((3, 4, 6, 3) = ResNet34)."""
-    feature_widths: Tuple[int, ...] = (64, 128, 256, 512)
-    """Channels of ResNet layer1..4."""
-    feature_stem_width: int = 64
-    """Channels of the ResNet stem."""
-    feature_norm: str = "bn"
-    """Norm of the 2D encoder: bn | in | gn | none."""
-    feature_upsample: str = "bilinear"
-    """Decoder upsampling of the feature net (the reference uses "nearest")."""
     grid_side: int = 32
     """Points per axis ``d_c`` of the coarse grid."""
     grid_spacing_mm: float = 25.0
@@ -148,9 +136,7 @@ class CoarseModel(nn.Module):
             raise ValueError(f"CoarseConfig.fusion: unknown mode {cfg.fusion!r}; expected {FUSION_MODES}")
         self.cfg = cfg
         C2 = 2 * cfg.feature_channels
-        self.feature_net = FeatureNet2D(cfg.image_channels, cfg.feature_channels, cfg.feature_blocks,
-                                        cfg.feature_widths, cfg.feature_stem_width, cfg.feature_norm,
-                                        upsample=cfg.feature_upsample)
+        self.feature_net = cfg.build_feature_net()
         self.localizer = Localizer(
             C2, hidden=cfg.localizer_hidden, levels=cfg.localizer_levels, fc=cfg.localizer_fc,
             max_scale=cfg.localizer_max_scale,

@@ -25,8 +25,9 @@ ImageNet ResNet state dict; nothing is ever downloaded.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Sequence, Union
+from typing import List, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -206,3 +207,31 @@ class FeatureNet2D(nn.Module):
             logger.warning("%s: %d keys not used by the encoder, e.g. %s", path, len(unused), unused[:5])
         self.encoder.load_state_dict(new)
         return list(new)
+
+
+@dataclass
+class FeatureNetConfig:
+    """Settings of the 2D feature net, shared (as flat ``model.*`` keys) by the coarse and the
+    refinement configs, which inherit these fields."""
+
+    image_channels: int = 1
+    """Input image channels (1: grey-scale stereo images in [0, 1])."""
+    feature_channels: int = 8
+    """Feature channels ``d_f`` of the 2D feature net; a fused volume has ``2 * d_f`` channels."""
+    feature_blocks: Tuple[int, ...] = (3, 4, 6, 3)
+    """BasicBlocks per ResNet layer ((3, 4, 6, 3) = ResNet34)."""
+    feature_widths: Tuple[int, ...] = (64, 128, 256, 512)
+    """Channels of ResNet layers 1..4."""
+    feature_stem_width: int = 64
+    """Channels of the ResNet stem."""
+    feature_norm: str = "bn"
+    """Norm of the 2D encoder (``bn | in | gn | none``); it sees all ``B*V`` images at once, so
+    BatchNorm is fine here."""
+    feature_upsample: str = "bilinear"
+    """Decoder upsampling (``bilinear``, or ``nearest`` like the reference)."""
+
+    def build_feature_net(self) -> "FeatureNet2D":
+        """The :class:`FeatureNet2D` these settings describe."""
+        return FeatureNet2D(self.image_channels, self.feature_channels, self.feature_blocks,
+                            self.feature_widths, self.feature_stem_width, norm=self.feature_norm,
+                            upsample=self.feature_upsample)

@@ -39,7 +39,7 @@ from ..cameras import Cameras
 from ..geometry.mesh_ops import vertex_normals
 from ..geometry.rotations import random_rotations
 from ..geometry.visibility import visibility
-from .feature_net import FeatureNet2D
+from .feature_net import FeatureNetConfig
 from .local_fusion import FUSION_MODES, fuse_local, local_grids
 from .soft_argmax import soft_argmax
 from .unet3d import UNet3D
@@ -50,7 +50,7 @@ __all__ = ["RefineConfig", "RefineOutput", "RefineModel"]
 
 
 @dataclass
-class RefineConfig:
+class RefineConfig(FeatureNetConfig):
     """Refinement-stage model settings (defaults: the paper / reference values)."""
 
     grid_side: int = 8
@@ -59,21 +59,6 @@ class RefineConfig:
     """Distance between neighbouring local grid points, mm. The grid spans
     ``+-(grid_side - 1) / 2 * grid_spacing_mm`` about the coarse vertex (+-7 mm by default),
     which bounds the correction per axis."""
-    image_channels: int = 1
-    """Input image channels (1: grey-scale stereo images in [0, 1])."""
-    feature_channels: int = 8
-    """Feature channels ``d_f`` of the 2D feature net; the fused cube has ``2 * d_f`` channels."""
-    feature_blocks: Tuple[int, ...] = (3, 4, 6, 3)
-    """BasicBlocks per ResNet layer of the feature net ((3, 4, 6, 3) = ResNet34)."""
-    feature_widths: Tuple[int, ...] = (64, 128, 256, 512)
-    """Channels of the feature net's ResNet layers 1..4."""
-    feature_stem_width: int = 64
-    """Channels of the feature net's 7x7 stem."""
-    feature_norm: str = "bn"
-    """Norm of the feature-net encoder (``bn | in | gn | none``); it sees all ``B*V`` images at
-    once, so BatchNorm is fine here."""
-    feature_upsample: str = "bilinear"
-    """Feature-net decoder upsampling (``bilinear``, or ``nearest`` like the reference)."""
     unet_levels: int = 3
     """Encoder/decoder levels of the 3D U-Net (3 in the reference refinement V2V)."""
     unet_pools: int = 2
@@ -182,9 +167,7 @@ class RefineModel(nn.Module):
             raise ValueError(f"RefineModel: face indices out of range [0, {tv.shape[0]})")
         self.register_buffer("template_verts", tv, persistent=False)
         self.register_buffer("faces", fc.long(), persistent=False)
-        self.feature_net = FeatureNet2D(cfg.image_channels, cfg.feature_channels, cfg.feature_blocks,
-                                        cfg.feature_widths, cfg.feature_stem_width, norm=cfg.feature_norm,
-                                        upsample=cfg.feature_upsample)
+        self.feature_net = cfg.build_feature_net()
         in_ch = 2 * cfg.feature_channels + (3 if cfg.template_embedding else 0)
         self.unet = UNet3D(in_ch, 1, levels=cfg.unet_levels, widths=cfg.unet_widths,
                            front_kernel=cfg.unet_front_kernel, norm=cfg.unet_norm,
