@@ -57,10 +57,10 @@ def _make_capture(root: Path, rng, noise: float, regions=REGIONS, points: int = 
     return lay
 
 
-def _write_preds(root: Path, lay: CaptureLayout, offset=(0.0, 0.0, 0.0), units="m"):
+def _write_preds(root: Path, lay: CaptureLayout, offset=(0.0, 0.0, 0.0), units="m", ext="ply"):
     verts, faces = _plane()
     for t, fid in enumerate(FRAMES):
-        p = root / fid.subject / fid.sequence / f"{fid.sequence}.{fid.frame}.ply"
+        p = root / fid.subject / fid.sequence / f"{fid.sequence}.{fid.frame}.{ext}"
         write_mesh(p, verts + t * VEL + np.asarray(offset), faces, units=units)
     return root
 
@@ -147,9 +147,10 @@ def test_prediction_equal_to_truth(capture, tmp_path, capsys):
         assert int(rows[key][3]) == s["count"]
 
 
-def test_prediction_offset_2mm_along_normal(tmp_path, capsys):
+@pytest.mark.parametrize("ext", ["ply", "obj"])
+def test_prediction_offset_2mm_along_normal(tmp_path, capsys, ext):
     lay = _make_capture(tmp_path / "cap", np.random.default_rng(3), noise=0.0)
-    pred = _write_preds(tmp_path / "pred", lay, offset=(0.0, 0.0, 2.0), units="mm")
+    pred = _write_preds(tmp_path / "pred", lay, offset=(0.0, 0.0, 2.0), units="mm", ext=ext)
     out = tmp_path / "eval"
     code, text = _run(capsys, "--pred", pred, "--data", lay.root, "--list",
                       lay.data_list_path("test"), "--out", out, "--pred-units", "mm")

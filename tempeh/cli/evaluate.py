@@ -64,8 +64,11 @@ __all__ = ["main", "pred_path", "evaluate", "compare"]
 
 
 def pred_path(pred_root: Path, fid: FrameId) -> Path:
-    """``<pred_root>/<subject>/<sequence>/<sequence>.<frame>.ply``."""
-    return Path(pred_root) / fid.subject / fid.sequence / f"{fid.sequence}.{fid.frame}.ply"
+    """``<pred_root>/<subject>/<sequence>/<sequence>.<frame>.ply``, or the ``.obj`` of that name
+    when only it exists (``register_sequence --format obj``); the ``.ply`` path when neither does."""
+    base = Path(pred_root) / fid.subject / fid.sequence / f"{fid.sequence}.{fid.frame}"
+    ply, obj = base.with_name(base.name + ".ply"), base.with_name(base.name + ".obj")
+    return obj if (obj.is_file() and not ply.is_file()) else ply
 
 
 def _frame_key(frame: str):
@@ -290,7 +293,7 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="evaluate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pred", type=Path, default=None,
-                   help="predictions: <subject>/<sequence>/<sequence>.<frame>.ply")
+                   help="predictions: <subject>/<sequence>/<sequence>.<frame>.ply (or .obj)")
     p.add_argument("--data", type=Path, default=None, help="capture folder (scans, gt_meshes, template)")
     p.add_argument("--list", type=Path, default=None, help="data list JSON of the frames to evaluate")
     p.add_argument("--out", type=Path, default=None, help="output folder")
