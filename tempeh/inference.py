@@ -140,13 +140,13 @@ def write_meshes(out_dir: PathLike, frames: Sequence, verts: torch.Tensor, faces
                  units: str = "m") -> list:
     """Write ``(B, N, 3)`` mm meshes as ``<out>/<subject>/<sequence>/<sequence>.<frame>.ply``
     (the registrations layout) in ``units`` (metres by default). Returns the paths."""
-    from tempeh.data.dataset import coarse_mesh_path
+    from tempeh.io.layout import frame_file
     from tempeh.io.mesh import write_mesh
 
     paths = []
     v = verts.detach().cpu().double().numpy()
     for i, fid in enumerate(frames):
-        p = coarse_mesh_path(out_dir, fid)
+        p = frame_file(out_dir, fid)
         write_mesh(p, v[i], faces, units=units)
         paths.append(p)
     return paths

@@ -50,7 +50,7 @@ import torch
 
 import tempeh
 from tempeh.errors import TempehDataError
-from tempeh.io.layout import CaptureLayout, FrameId, frame_id
+from tempeh.io.layout import CaptureLayout, FrameId, frame_file, frame_id
 
 logger = logging.getLogger(__name__)
 
@@ -168,10 +168,8 @@ def shard_frames(frames: Sequence[FrameId], index: int, count: int) -> List[Fram
 
 
 # ============================================================================ paths
-def mesh_path(out: PathLike, fid: FrameId, ext: str = "ply") -> Path:
-    """``<out>/<subject>/<sequence>/<sequence>.<frame>.<ext>`` (the registrations layout)."""
-    s, q, f = frame_id(fid)
-    return Path(out) / s / q / f"{q}.{f}.{ext}"
+#: ``<out>/<subject>/<sequence>/<sequence>.<frame>.<ext>`` (the registrations layout).
+mesh_path = frame_file
 
 
 def sequence_npz_path(out: PathLike, subject: str, sequence: str) -> Path:

@@ -39,6 +39,8 @@ from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
+from tempeh.io.layout import frame_file
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["main", "TARGETS"]
@@ -268,7 +270,7 @@ def _visualize(data: Path, pred: Path, overlays: Path, n: int) -> List[str]:
     picks = frames[:: max(1, len(frames) // max(1, n))][:n]
     written = []
     for s, q, f in picks:
-        mesh = pred / s / q / f"{q}.{f}.ply"
+        mesh = frame_file(pred, (s, q, f))
         png = overlays / f"{s}_{q}_{f}.png"
         turn = overlays / f"{s}_{q}_{f}_turntable.png"
         _check(visualize.main(["--data", str(data), "--frame", f"{s}/{q}/{f}", "--mesh", str(mesh),

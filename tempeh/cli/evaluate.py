@@ -53,7 +53,7 @@ from tempeh.eval.metrics import (REPORT_REGIONS, cumulative_error_curve, scan_to
 from tempeh.eval.plots import HEATMAP_MAX_MM, error_colors, plot_cumulative_error
 from tempeh.eval.report import (compare_table, load_metrics, region_table, stats_columns,
                                 write_csv, write_json)
-from tempeh.io.layout import CaptureLayout, FrameId, read_data_list
+from tempeh.io.layout import CaptureLayout, FrameId, frame_file, read_data_list
 from tempeh.io.mesh import read_mesh, read_points, write_points
 from tempeh.io.templates import load_template_dir
 from tempeh.template import Template
@@ -66,8 +66,7 @@ __all__ = ["main", "pred_path", "evaluate", "compare"]
 def pred_path(pred_root: Path, fid: FrameId) -> Path:
     """``<pred_root>/<subject>/<sequence>/<sequence>.<frame>.ply``, or the ``.obj`` of that name
     when only it exists (``register_sequence --format obj``); the ``.ply`` path when neither does."""
-    base = Path(pred_root) / fid.subject / fid.sequence / f"{fid.sequence}.{fid.frame}"
-    ply, obj = base.with_name(base.name + ".ply"), base.with_name(base.name + ".obj")
+    ply, obj = frame_file(pred_root, fid, "ply"), frame_file(pred_root, fid, "obj")
     return obj if (obj.is_file() and not ply.is_file()) else ply
 
 
@@ -112,8 +111,7 @@ def _evaluate_frame(fid: FrameId, args, layout: CaptureLayout, template: Optiona
                            regions=regions)
         out.scan, out.scan_points, out.region_dists = scan, pts.shape[0], res.region_dists()
         if heatmap:
-            hp = (args.out / "heatmaps" / fid.subject / fid.sequence
-                  / f"{fid.sequence}.{fid.frame}.ply")
+            hp = frame_file(args.out / "heatmaps", fid)
             write_points(hp, pts, units="mm", colors=error_colors(res.dist, args.heatmap_max_mm))
     if gt.is_file():
         gv, _ = read_mesh(gt, units=layout.mesh_units)

@@ -42,13 +42,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from tempeh.io.layout import frame_file
 from tempeh.cli.common import parse_cli, setup_logging
 from tempeh.register import frame_sort_key, parse_shard
 from tempeh.errors import ConfigError, TempehDataError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["main", "parse_shard", "shard_frames", "order_frames", "output_path"]
+__all__ = ["main", "parse_shard", "shard_frames", "order_frames"]
 
 
 def order_frames(frames: Sequence, sequential: bool) -> List:
@@ -73,11 +74,6 @@ def shard_frames(frames: Sequence, index: int, count: int, sequential: bool) -> 
     seqs = sorted({(f.subject, f.sequence) for f in frames})
     mine = {s for k, s in enumerate(seqs) if k % count == index}
     return [f for f in frames if (f.subject, f.sequence) in mine]
-
-
-def output_path(out: Path, fid) -> Path:
-    """``out/<subject>/<sequence>/<sequence>.<frame>.ply``."""
-    return Path(out) / fid.subject / fid.sequence / f"{fid.sequence}.{fid.frame}.ply"
 
 
 def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -184,7 +180,7 @@ def _run(args, cfg, shard: Tuple[int, int]) -> int:
     failed = 0
     prev: Dict[Tuple[str, str], Optional[np.ndarray]] = {}
     for fid in tqdm(frames, desc="fit_scans", unit="frame", disable=args.quiet):
-        out = output_path(args.out, fid)
+        out = frame_file(args.out, fid)
         entry: Dict = {"subject": fid.subject, "sequence": fid.sequence, "frame": fid.frame,
                        "output": str(out)}
         seq = (fid.subject, fid.sequence)
@@ -207,7 +203,7 @@ def _run(args, cfg, shard: Tuple[int, int]) -> int:
             if args.sequential and prev.get(seq) is not None:
                 init, init_how = prev[seq], "previous_frame"
             elif args.init is not None:
-                ip = output_path(args.init, fid)
+                ip = frame_file(args.init, fid)
                 if ip.is_file():
                     init, init_how = read_mesh(ip, units=args.init_units)[0], "init_dir"
                     if init.shape != template.verts.shape:

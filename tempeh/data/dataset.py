@@ -48,13 +48,13 @@ from tempeh.config import DataConfig
 from tempeh.data import augment as aug
 from tempeh.errors import ConfigError, TempehDataError
 from tempeh.io.images import check_png_complete, image_size, read_gray
-from tempeh.io.layout import CaptureLayout, FrameId, frame_id, read_data_list
+from tempeh.io.layout import CaptureLayout, FrameId, frame_file, frame_id, read_data_list
 from tempeh.io.mesh import read_mesh, read_points
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["Sample", "CaptureDataset", "load_views", "cameras_for_image_sizes",
-           "coarse_mesh_path", "STAGES"]
+           "STAGES"]
 
 PathLike = Union[str, os.PathLike]
 STAGES = ("coarse", "refine")
@@ -148,12 +148,6 @@ def load_views(layout: CaptureLayout, fid: FrameId, names: Sequence[str],
                                      f"{' and rotation' if rotate_portrait else ''}, the first "
                                      f"view of the frame {imgs[0].shape[1]}x{imgs[0].shape[0]}")
     return np.stack(imgs), cams
-
-
-def coarse_mesh_path(cache_dir: PathLike, fid) -> Path:
-    """``<cache_dir>/<subject>/<sequence>/<sequence>.<frame>.ply`` (cached coarse mesh)."""
-    s, q, f = frame_id(fid)
-    return Path(cache_dir) / s / q / f"{q}.{f}.ply"
 
 
 def _subset_points(rng: np.random.Generator, pts: np.ndarray, P: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -292,7 +286,7 @@ class CaptureDataset(torch.utils.data.Dataset):
                     if not p.is_file():
                         raise TempehDataError(p, f"{what} of frame {fid} not found")
         if self.stage == "refine":
-            p = coarse_mesh_path(self.cfg.coarse_cache_dir, fid)
+            p = frame_file(self.cfg.coarse_cache_dir, fid)
             if not p.is_file():
                 raise TempehDataError(p, f"cached coarse mesh of frame {fid} not found "
                                          "(run the coarse stage on this list first)")
@@ -409,7 +403,7 @@ class CaptureDataset(torch.utils.data.Dataset):
                 gt = read_mesh(L.gt_mesh_path(fid), units=L.mesh_units)[0].astype(np.float32)
         coarse = None
         if self.stage == "refine":
-            p = coarse_mesh_path(cfg.coarse_cache_dir, fid)
+            p = frame_file(cfg.coarse_cache_dir, fid)
             if not p.is_file():
                 raise TempehDataError(p, f"cached coarse mesh of frame {fid} not found")
             coarse = read_mesh(p, units=cfg.coarse_cache_units)[0].astype(np.float32)
@@ -419,7 +413,7 @@ class CaptureDataset(torch.utils.data.Dataset):
                     and v.shape[0] != self.template_num_verts:
                 where = {"registration": self.layout.registration_path(fid),
                          "gt": self.layout.gt_mesh_path(fid),
-                         "coarse": coarse_mesh_path(cfg.coarse_cache_dir or ".", fid)}[what]
+                         "coarse": frame_file(cfg.coarse_cache_dir or ".", fid)}[what]
                 if self.cache_path is not None and what != "coarse":
                     where = self.cache_path
                 raise TempehDataError(where, f"{what} mesh of frame {fid} has {v.shape[0]} "

@@ -90,6 +90,13 @@ def frame_id(fid) -> FrameId:
     return fid
 
 
+def frame_file(root: PathLike, fid, ext: str = "ply") -> Path:
+    """``<root>/<subject>/<sequence>/<sequence>.<frame>.<ext>``: the per-frame file of the
+    registrations layout under any root (registrations, true meshes, predictions, caches)."""
+    s, q, f = frame_id(fid)
+    return Path(root) / s / q / f"{q}.{f}.{ext}"
+
+
 class CaptureLayout:
     """Paths of one capture folder (nothing is read until asked).
 
@@ -170,8 +177,7 @@ class CaptureLayout:
         return self.root / "calibrations" / subject / sequence
 
     def _per_frame(self, folder: str, fid, ext: str) -> Path:
-        s, q, f = frame_id(fid)
-        return self.root / folder / s / q / f"{q}.{f}.{ext}"
+        return frame_file(self.root / folder, fid, ext)
 
     def scan_path(self, fid, ext: Optional[str] = None) -> Path:
         """Scan of a frame, ``scans/<subject>/<sequence>/<sequence>.<frame>.<ext>``.

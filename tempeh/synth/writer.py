@@ -198,7 +198,7 @@ class _FrameWorker:
 
     def write_frame(self, root: str, i: int, j: int, k: int) -> dict:
         from tempeh.io.images import write_png
-        from tempeh.io.layout import CaptureLayout, FrameId
+        from tempeh.io.layout import CaptureLayout, FrameId, frame_file
         from tempeh.io.mesh import write_mesh, write_points
 
         out = self.frame(i, j, k)
@@ -210,7 +210,7 @@ class _FrameWorker:
         write_points(layout.scan_path(fid, ext="ply"), scan.points, units="mm")
         write_mesh(layout.registration_path(fid), out["registration"], self.template.faces, units="m")
         write_mesh(layout.gt_mesh_path(fid), out["verts"], self.template.faces, units="m")
-        extra = Path(root) / "synthetic" / fid.subject / fid.sequence / f"{fid.sequence}.{fid.frame}.outliers.npy"
+        extra = frame_file(Path(root) / "synthetic", fid, "outliers.npy")
         extra.parent.mkdir(parents=True, exist_ok=True)
         np.save(extra, scan.is_outlier, allow_pickle=False)
         return {"frame": list(fid), "scan_points": int(len(scan.points)),
