@@ -53,7 +53,7 @@ def build_model(cfg: TrainConfig, template: Template) -> nn.Module:
                               f"(set model.num_verts={template.num_verts})")
     try:
         if cfg.run.stage == "coarse":
-            return CoarseModel(cfg.model)
+            return CoarseModel(cfg.model, torch.as_tensor(template.verts, dtype=torch.float32))
         return RefineModel(cfg.model, torch.as_tensor(template.verts, dtype=torch.float32),
                            torch.as_tensor(template.faces, dtype=torch.int64))
     except ValueError as err:

@@ -120,7 +120,7 @@ def test_gradients_reach_every_parameter(scene):
     assert not missing, missing
     for part in (model.feature_net, model.unet, model.head, model.localizer.out):
         assert any(float(p.grad.abs().sum()) > 0 for p in part.parameters())
-    groups = model.param_groups(1e-3)
+    groups = model.param_groups(1e-3, 1e-4)
     assert [g["name"] for g in groups] == ["base", "localizer"]
     assert groups[1]["lr"] == pytest.approx(1e-4)
     n_loc = sum(p.numel() for p in model.localizer.parameters())
@@ -172,7 +172,7 @@ def test_overfits_one_synthetic_frame(scene):
     target = torch.randn(1, 64, 3, generator=g)
     target = 90 * target / target.norm(dim=-1, keepdim=True) + scene[2]
     model = CoarseModel(CoarseConfig.tiny(random_grid_rotation=False)).train()
-    opt = torch.optim.Adam(model.param_groups(1e-2))
+    opt = torch.optim.Adam(model.param_groups(1e-2, 1e-3))
     losses = []
     for _ in range(60):
         loss = (model(imgs, cams).verts - target).square().mean()
@@ -182,3 +182,38 @@ def test_overfits_one_synthetic_frame(scene):
         losses.append(float(loss.detach()))
     assert np.isfinite(losses).all()
     assert min(losses[-5:]) < losses[0] / 10, (losses[0], losses[-5:])
+
+
+def test_template_prior_places_the_template_in_the_initial_box(scene):
+    """With zero head weights the untrained model predicts the template, its bounding-box centre
+    at the grid centre; the localizer then moves it rigidly."""
+    g = torch.Generator().manual_seed(3)
+    N = 40
+    tv = (torch.rand(N, 3, generator=g) - 0.5) * torch.tensor([100.0, 120.0, 90.0])
+    cfg = CoarseConfig.tiny(num_verts=N, grid_spacing_mm=60.0, localizer_init_extent_mm=330.0,
+                            localizer_max_scale=0.95,
+                            template_prior_sigma_mm=28.0, random_grid_rotation=False,
+                            grid_center_mm=(5.0, -10.0, 20.0))
+    model = CoarseModel(cfg, tv).eval()
+    with torch.no_grad():
+        model.head.weight.zero_()
+    imgs, cams = batch_of(scene, 1)
+    out = model(imgs, cams)
+    centre = 0.5 * (tv.min(0).values + tv.max(0).values)
+    expect = tv - centre + torch.tensor(cfg.grid_center_mm)
+    err = (out.verts[0] - expect).norm(dim=-1)
+    assert float(err.max()) < 1.0, float(err.max())  # mm; truncation/discretisation only
+    # move the localizer's translation: the template follows exactly
+    with torch.no_grad():
+        model.localizer.out.bias[9:12] = torch.atanh(torch.tensor([10.0, -5.0, 2.0]) / 387.5)
+    out2 = model(imgs, cams)
+    np.testing.assert_allclose((out2.verts - out.verts)[0].detach().numpy(),
+                               np.tile([10.0, -5.0, 2.0], (N, 1)), atol=2e-3)
+    # the prior needs the template, of the right size
+    with pytest.raises(ValueError, match="template_verts"):
+        CoarseModel(cfg)
+    with pytest.raises(ValueError, match="template_verts"):
+        CoarseModel(cfg, tv[:5])
+    # without the prior nothing changes: no buffers, same state-dict keys
+    plain = CoarseModel(CoarseConfig.tiny(num_verts=N))
+    assert set(plain.state_dict()) == set(model.state_dict())

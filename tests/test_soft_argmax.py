@@ -81,3 +81,64 @@ def test_head_eval_without_grad_and_shape_errors():
         head(torch.randn(1, 3, 2, 2, 2), coords)
     with pytest.raises(ValueError, match="coordinates"):
         head(feats, torch.randn(1, 7, 3))
+
+
+def test_gaussian_log_prior_equals_naive_density_and_centres_uniform_logits():
+    from tempeh.models.soft_argmax import gaussian_log_prior
+    from tempeh.models.volume import grid_offsets
+
+    g = torch.Generator().manual_seed(5)
+    D, N, sigma = 9, 6, 1.3
+    means = (torch.rand(N, 3, generator=g, dtype=torch.float64) - 0.5) * 3.0  # well inside
+    w, f = gaussian_log_prior(means, sigma, D)
+    u = grid_offsets(D, 1.0, dtype=torch.float64).reshape(-1, 3)  # voxel index offsets
+    naive = -((u[None] - means[:, None]) ** 2).sum(-1) / (2 * sigma ** 2)  # (N, G)
+    got = w @ f
+    # equal up to a per-vertex constant (-|mu|^2 / 2 s^2), which a softmax ignores
+    diff = got - naive
+    np.testing.assert_allclose(diff.numpy(), diff[:, :1].expand_as(diff).numpy(), atol=1e-10)
+    np.testing.assert_allclose(diff[:, 0].numpy(), ((means ** 2).sum(-1) / (2 * sigma ** 2)).numpy(),
+                               atol=1e-10)
+    # a head with zero weights then returns the prior means (grid coordinates = u * spacing)
+    head = SoftArgmaxHead(3, N, chunk_size=4).double()
+    with torch.no_grad():
+        head.weight.zero_()
+    feats = torch.randn(2, 3, D, D, D, generator=g, dtype=torch.float64)
+    spacing = 7.0
+    coords = (u * spacing).reshape(1, D, D, D, 3).expand(2, -1, -1, -1, -1)
+    out = head(feats, coords, w, f)
+    discrete = torch.softmax(naive, -1) @ (u * spacing)  # exact expectation of the naive density
+    np.testing.assert_allclose(out.detach().numpy(), discrete[None].expand(2, -1, -1).numpy(), atol=1e-9)
+    # ... which is the prior mean up to the documented truncation (means >= 2 sigma inside)
+    assert float((discrete - means * spacing).abs().max()) < 0.02 * spacing
+    with pytest.raises(ValueError, match="both"):
+        head(feats, coords, w, None)
+    with pytest.raises(ValueError, match="prior_weight"):
+        head(feats, coords, w[:2], f)
+    with pytest.raises(ValueError, match="sigma"):
+        gaussian_log_prior(means, 0.0, D)
+
+
+def test_prior_chunked_equals_naive_with_gradients():
+    from tempeh.models.soft_argmax import gaussian_log_prior
+
+    g = torch.Generator().manual_seed(6)
+    B, C, D, N = 2, 4, 4, 7
+    feats = torch.randn(B, C, D, D, D, generator=g, dtype=torch.float64)
+    coords = torch.randn(B, D, D, D, 3, generator=g, dtype=torch.float64) * 30
+    w, f = gaussian_log_prior(torch.randn(N, 3, generator=g, dtype=torch.float64), 0.9, D)
+    naive = SoftArgmaxHead(C, N, naive=True).double()
+    chunked = SoftArgmaxHead(C, N, chunk_size=3, checkpoint=True).double()
+    chunked.load_state_dict(naive.state_dict())
+    outs = []
+    for head in (naive, chunked):
+        fe = feats.clone().requires_grad_(True)
+        out = head(fe, coords, w, f)
+        out.square().sum().backward()
+        outs.append((out.detach(), fe.grad, head.weight.grad))
+    # the explicit formula: softmax(W f + b + prior) expectation
+    logits = (naive.weight.detach() @ feats.flatten(2)) + (w @ f)
+    ref = torch.softmax(logits, -1) @ coords.reshape(B, -1, 3)
+    np.testing.assert_allclose(outs[0][0].numpy(), ref.numpy(), atol=1e-10)
+    for a, b in zip(outs[0], outs[1]):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-10)

@@ -126,7 +126,7 @@ def _child(spec: Dict) -> Dict:
                 meter.timed(res, "forward", lambda: model(images, cams), reps)
         else:
             model.train()
-            opt = torch.optim.AdamW(model.param_groups(1e-3))
+            opt = torch.optim.AdamW(model.param_groups(1e-3, 1e-4))
             g = torch.Generator().manual_seed(0)
 
             def step():

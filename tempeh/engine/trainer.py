@@ -22,8 +22,7 @@ but no update.
 Optimiser: AdamW (``optim.betas``, ``optim.weight_decay``) with two parameter groups for the
 coarse model: ``base`` at ``optim.lr`` under the schedule (``constant | step | cosine``, after a
 linear warm-up of ``optim.warmup_iterations``) and ``localizer`` at the FIXED
-``optim.localizer_lr`` (as the reference's 1e-4 group). ``CoarseConfig.localizer_lr_scale`` is
-not used by training: optimiser settings live in ``OptimConfig``. The refinement model has one
+``optim.localizer_lr`` (as the reference's 1e-4 group). The refinement model has one
 group. Gradient clipping: ``optim.grad_clip`` (global norm). Mixed precision: ``optim.amp`` on
 CUDA only (fp16 autocast + GradScaler; ignored with a warning on CPU); losses are computed in
 float32.

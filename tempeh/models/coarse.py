@@ -26,7 +26,7 @@ from tempeh.cameras import Cameras
 from tempeh.geometry.rotations import random_rotations
 from tempeh.models.feature_net import FeatureNetConfig
 from tempeh.models.localizer import Localizer, LocalizerOutput, warp_grid
-from tempeh.models.soft_argmax import SoftArgmaxHead
+from tempeh.models.soft_argmax import SoftArgmaxHead, gaussian_log_prior
 from tempeh.models.unet3d import UNet3D
 from tempeh.models.volume import FUSION_MODES, fuse_mean_var, grid_offsets, make_grid, sample_views
 
@@ -69,8 +69,6 @@ class CoarseConfig(FeatureNetConfig):
     """Side of the localised cube at initialisation, mm (head-sized)."""
     localizer_norm: str = "bn"
     """Norm of the localizer conv levels."""
-    localizer_lr_scale: float = 0.1
-    """Learning rate of the localizer relative to the base lr (reference: 1e-4 vs 1e-3)."""
     unet_levels: int = 5
     """Encoder/decoder levels of the 3D U-Net."""
     unet_widths: Tuple[int, ...] = (32, 64, 128, 128, 128, 128)
@@ -89,6 +87,14 @@ class CoarseConfig(FeatureNetConfig):
     """Checkpoint each head chunk in training (memory does not grow with N x D^3)."""
     head_naive: bool = False
     """Compute all (B, N, D^3) logits at once (reference behaviour, benchmarks only)."""
+    template_prior_sigma_mm: float = 0.0
+    """0 (paper): every vertex starts at the grid centre. > 0: each vertex's logits get a Gaussian
+    log-prior centred on its template position placed in the localised box (template bounding-box
+    centre at the box centre, box axes = template axes, scaled with the box), with this standard
+    deviation in mm at the initial box scale. The untrained model then predicts the template posed
+    by the localizer, the localizer learns the head's pose from the vertex loss directly and the
+    U-Net learns residuals. Needs the template (``CoarseModel(cfg, template_verts)``); keep
+    ``random_grid_rotation`` off with it, else the localizer must also undo random rotations."""
 
     @classmethod
     def paper_scale(cls, **overrides) -> "CoarseConfig":
@@ -127,9 +133,16 @@ class CoarseOutput:
 
 
 class CoarseModel(nn.Module):
-    """Coarse stage network (see the module docstring)."""
+    """Coarse stage network (see the module docstring).
 
-    def __init__(self, cfg: Optional[CoarseConfig] = None):
+    Args:
+        cfg: the configuration (default: paper scale).
+        template_verts: ``(N, 3)`` template vertices, world mm; required when
+            ``cfg.template_prior_sigma_mm > 0`` (the prior is a non-persistent buffer: checkpoints
+            do not carry it, the stage's saved template does).
+    """
+
+    def __init__(self, cfg: Optional[CoarseConfig] = None, template_verts: Optional[Tensor] = None):
         super().__init__()
         cfg = cfg if cfg is not None else CoarseConfig()
         if cfg.fusion not in FUSION_MODES:
@@ -149,17 +162,43 @@ class CoarseModel(nn.Module):
                            back_widths=cfg.unet_back_widths)
         self.head = SoftArgmaxHead(self.unet.out_features, cfg.num_verts, cfg.head_chunk_size,
                                    checkpoint=cfg.head_checkpoint, naive=cfg.head_naive)
+        self.register_buffer("prior_weight", None, persistent=False)
+        self.register_buffer("prior_feats", None, persistent=False)
+        if cfg.template_prior_sigma_mm > 0:
+            self._init_template_prior(template_verts)
+
+    def _init_template_prior(self, template_verts: Optional[Tensor]) -> None:
+        """Buffers of the template log-prior (see ``CoarseConfig.template_prior_sigma_mm``)."""
+        cfg = self.cfg
+        if template_verts is None:
+            raise ValueError("CoarseModel: template_prior_sigma_mm > 0 needs template_verts (N, 3)")
+        tv = torch.as_tensor(template_verts, dtype=torch.float64)
+        if tv.shape != (cfg.num_verts, 3) or not torch.isfinite(tv).all():
+            raise ValueError(f"CoarseModel: template_verts must be finite ({cfg.num_verts}, 3), "
+                             f"got {tuple(tv.shape)}")
+        voxel_mm = self.localizer.init_scale * cfg.grid_spacing_mm  # initial box voxel size
+        centre = 0.5 * (tv.min(0).values + tv.max(0).values)
+        means = (tv - centre) / voxel_mm
+        sigma = cfg.template_prior_sigma_mm / voxel_mm
+        half = (cfg.grid_side - 1) / 2.0
+        reach = means.abs().max().item()
+        if reach > half - 2.0 * sigma:
+            logger.warning("template prior: the template reaches %.1f voxels from the box centre but "
+                           "the box half-side is %.1f voxels and sigma %.2f voxels: raise "
+                           "localizer_init_extent_mm so the prior is not truncated", reach, half, sigma)
+        w, f = gaussian_log_prior(means, sigma, cfg.grid_side)
+        self.prior_weight, self.prior_feats = w.float(), f.float()
 
     # ------------------------------------------------------------------ optimiser helpers
-    def param_groups(self, lr: float, localizer_lr: Optional[float] = None) -> List[Dict]:
-        """Two optimiser groups: ``base`` (everything else) and ``localizer`` (lr
-        ``localizer_lr``, default ``lr * cfg.localizer_lr_scale``)."""
+    def param_groups(self, lr: float, localizer_lr: float) -> List[Dict]:
+        """Two optimiser groups: ``base`` (everything else, ``lr``) and ``localizer``
+        (``localizer_lr``; training takes it from ``OptimConfig.localizer_lr``, the reference uses
+        1e-4 against a base 1e-3)."""
         loc = [p for p in self.localizer.parameters()]
         ids = {id(p) for p in loc}
         base = [p for p in self.parameters() if id(p) not in ids]
-        llr = lr * self.cfg.localizer_lr_scale if localizer_lr is None else localizer_lr
         return [{"name": "base", "params": base, "lr": lr},
-                {"name": "localizer", "params": loc, "lr": llr}]
+                {"name": "localizer", "params": loc, "lr": localizer_lr}]
 
     # ------------------------------------------------------------------ forward
     def _fused(self, feats: Tensor, cameras: Cameras, grid: Tensor) -> Tensor:
@@ -196,6 +235,9 @@ class CoarseModel(nn.Module):
         offsets = grid_offsets(cfg.grid_side, cfg.grid_spacing_mm, dtype=dtype, device=device)
         grid = warp_grid(offsets, loc, center, R_g)
         vol = self._fused(feats, cams, grid)
-        verts = self.head(self.unet(vol), grid)
+        prior = ()
+        if self.prior_weight is not None:
+            prior = (self.prior_weight.to(dtype), self.prior_feats.to(dtype))
+        verts = self.head(self.unet(vol), grid, *prior)
         return CoarseOutput(verts=verts, localizer=loc, grid=grid, initial_grid=grid0,
                             grid_rotation=R_g)

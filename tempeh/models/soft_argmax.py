@@ -18,12 +18,14 @@ import logging
 
 import torch
 import torch.nn as nn
+from typing import Optional
+
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["soft_argmax", "SoftArgmaxHead"]
+__all__ = ["soft_argmax", "SoftArgmaxHead", "gaussian_log_prior"]
 
 
 def soft_argmax(logits: Tensor, coords: Tensor) -> Tensor:
@@ -41,9 +43,14 @@ def soft_argmax(logits: Tensor, coords: Tensor) -> Tensor:
     return torch.bmm(torch.softmax(logits, dim=-1), coords.to(logits.dtype))
 
 
-def _chunk_soft_argmax(feats: Tensor, coords: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """``feats (B, C, G)``, ``coords (B, G, 3)``, ``weight (n, C)``, ``bias (n,)`` -> ``(B, n, 3)``."""
+def _chunk_soft_argmax(feats: Tensor, coords: Tensor, weight: Tensor, bias: Tensor,
+                       prior_weight: Optional[Tensor] = None,
+                       prior_feats: Optional[Tensor] = None) -> Tensor:
+    """``feats (B, C, G)``, ``coords (B, G, 3)``, ``weight (n, C)``, ``bias (n,)`` -> ``(B, n, 3)``;
+    optional fixed log-prior ``prior_weight (n, K) @ prior_feats (K, G)`` added to the logits."""
     logits = torch.matmul(weight, feats) + bias.unsqueeze(-1)  # (B, n, G)
+    if prior_weight is not None:
+        logits = logits + torch.matmul(prior_weight, prior_feats)  # (n, G) broadcast over B
     return soft_argmax(logits, coords)
 
 
@@ -78,13 +85,17 @@ class SoftArgmaxHead(nn.Module):
         f = feats.flatten(2)
         return torch.matmul(self.weight, f) + self.bias.unsqueeze(-1)
 
-    def forward(self, feats: Tensor, coords: Tensor) -> Tensor:
+    def forward(self, feats: Tensor, coords: Tensor, prior_weight: Optional[Tensor] = None,
+                prior_feats: Optional[Tensor] = None) -> Tensor:
         """Soft-argmax of every vertex.
 
         Args:
             feats: ``(B, C, D, H, W)`` (or ``(B, C, G)``) feature volume.
             coords: ``(B, D, H, W, 3)`` (or ``(B, G, 3)``) world mm of the same voxels, in the
                 same ``(i, j, k)`` order (see :mod:`tempeh.models.volume`).
+            prior_weight, prior_feats: optional fixed log-prior ``(N, K)`` and ``(K, G)``; the
+                logits of vertex ``n`` become ``w_n . f_g + b_n + prior_weight[n] . prior_feats[:, g]``
+                (e.g. :func:`gaussian_log_prior`). Both or neither.
         Returns:
             ``(B, N, 3)`` world, mm.
         """
@@ -95,15 +106,58 @@ class SoftArgmaxHead(nn.Module):
         xyz = coords.reshape(B, -1, 3)
         if xyz.shape[1] != f.shape[-1]:
             raise ValueError(f"SoftArgmaxHead: {f.shape[-1]} voxels but {xyz.shape[1]} coordinates")
+        if (prior_weight is None) != (prior_feats is None):
+            raise ValueError("SoftArgmaxHead: give both prior_weight and prior_feats, or neither")
+        if prior_weight is not None and (prior_weight.shape[0] != self.num_verts
+                                         or prior_feats.shape[-1] != f.shape[-1]
+                                         or prior_weight.shape[1] != prior_feats.shape[0]):
+            raise ValueError(f"SoftArgmaxHead: prior_weight {tuple(prior_weight.shape)} and prior_feats "
+                             f"{tuple(prior_feats.shape)} must be (N={self.num_verts}, K) and "
+                             f"(K, G={f.shape[-1]})")
         if self.naive:
-            return _chunk_soft_argmax(f, xyz, self.weight, self.bias)
+            return _chunk_soft_argmax(f, xyz, self.weight, self.bias, prior_weight, prior_feats)
         use_ckpt = self.checkpoint and torch.is_grad_enabled() and (
             f.requires_grad or xyz.requires_grad or self.weight.requires_grad)
         outs = []
         for a in range(0, self.num_verts, self.chunk_size):
-            w, b = self.weight[a:a + self.chunk_size], self.bias[a:a + self.chunk_size]
+            sl = slice(a, a + self.chunk_size)
+            w, b = self.weight[sl], self.bias[sl]
+            pw = prior_weight[sl] if prior_weight is not None else None
             if use_ckpt:
-                outs.append(_checkpoint(_chunk_soft_argmax, f, xyz, w, b, use_reentrant=False))
+                outs.append(_checkpoint(_chunk_soft_argmax, f, xyz, w, b, pw, prior_feats,
+                                        use_reentrant=False))
             else:
-                outs.append(_chunk_soft_argmax(f, xyz, w, b))
+                outs.append(_chunk_soft_argmax(f, xyz, w, b, pw, prior_feats))
         return torch.cat(outs, dim=1)
+
+
+def gaussian_log_prior(means: Tensor, sigma: float, side: int) -> "tuple[Tensor, Tensor]":
+    """An isotropic Gaussian log-prior per vertex over a ``side^3`` grid, in grid units.
+
+    ``log p_n(g) = -|u_g - mu_n|^2 / (2 sigma^2) + const`` with ``u_g = (i, j, k) - (side - 1) / 2``
+    the voxel's index offset from the grid centre (same ``(i, j, k)`` order as
+    :func:`tempeh.models.volume.grid_offsets`). Expanded, ``-|u|^2/(2s^2) + u . mu_n / s^2`` is
+    linear in the 4 fixed features ``(u_x, u_y, u_z, |u|^2)``, so the prior costs one extra
+    ``(N, 4) @ (4, G)`` product per chunk and no ``(N, G)`` tensor beyond the chunk's logits.
+    With uniform network logits the soft-argmax then returns ``mu_n`` (up to truncation at the grid
+    border, negligible for means more than ~2 sigma inside it, and the discretisation, negligible
+    for sigma >= ~0.6 voxel).
+
+    Args:
+        means: ``(N, 3)`` prior centres in grid units (voxel index offsets from the centre).
+        sigma: standard deviation in grid units (> 0).
+        side: ``D``.
+    Returns:
+        ``prior_weight (N, 4)``, ``prior_feats (4, D^3)`` for :meth:`SoftArgmaxHead.forward`.
+    """
+    if not sigma > 0:
+        raise ValueError(f"gaussian_log_prior: sigma must be > 0, got {sigma}")
+    if means.dim() != 2 or means.shape[-1] != 3:
+        raise ValueError(f"gaussian_log_prior: means must be (N, 3), got {tuple(means.shape)}")
+    c = (side - 1) / 2.0
+    r = torch.arange(side, dtype=means.dtype, device=means.device) - c
+    u = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)  # (G, 3)
+    feats = torch.cat([u, (u * u).sum(-1, keepdim=True)], -1).t().contiguous()  # (4, G)
+    s2 = float(sigma) ** 2
+    weight = torch.cat([means / s2, torch.full_like(means[:, :1], -0.5 / s2)], -1)  # (N, 4)
+    return weight, feats
