@@ -393,12 +393,23 @@ def _sub_layers(layers: Sequence[Layer], key: str, prefix: str) -> List[Layer]:
     return out
 
 
+#: Keys that older resolved configs (``<run>/<stage>/config.yaml``) may hold and that no longer
+#: have an effect: loading warns and ignores them, so old runs stay loadable.
+RETIRED_KEYS: Dict[str, str] = {
+    "model.localizer_lr_scale": "training always used optim.localizer_lr",
+}
+
+
 def _build(cls, layers: Sequence[Layer], prefix: str, stage: Optional[str] = None):
     """Instantiate dataclass ``cls`` from layered mappings (later layers win)."""
     hints = _hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     for data, src in layers:
         for key in data:
+            if prefix + key in RETIRED_KEYS:
+                logger.warning("config key '%s%s' (in %s) is retired and ignored: %s", prefix, key,
+                               src, RETIRED_KEYS[prefix + key])
+                continue
             if key not in names:
                 valid = ", ".join(sorted(names))
                 raise ConfigError(f"unknown key '{prefix}{key}' (in {src}); valid keys of "

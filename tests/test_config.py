@@ -236,3 +236,13 @@ def test_every_config_builds_a_model_that_trains_at_tiny_size():
             done.add(key)
             _train_step(cfg.model)
     assert len(done) >= 3  # coarse (paper-size configs shrunk), demo_cpu, refine
+
+
+def test_retired_key_in_an_old_resolved_config_warns_and_is_ignored(tmp_path, caplog):
+    f = write(tmp_path / "old.yaml", "model:\n  localizer_lr_scale: 0.1\n  localizer_hidden: 4\n")
+    with caplog.at_level("WARNING", logger="tempeh.config"):
+        cfg = load_config(f)
+    assert cfg.model.localizer_hidden == 4
+    assert not hasattr(cfg.model, "localizer_lr_scale")
+    assert any("localizer_lr_scale" in r.getMessage() and "old.yaml" in r.getMessage()
+               for r in caplog.records)
