@@ -32,6 +32,7 @@ setup(
         "trimesh>=4.0",
         "embreex>=2.17; platform_machine=='x86_64'",
         "libigl>=2.5",
+        "numba>=0.59",
         "opencv-python-headless>=4.8",
         "pyyaml>=6.0",
         "tqdm>=4.60",

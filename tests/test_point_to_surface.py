@@ -75,7 +75,7 @@ def _t(x):
 # ----------------------------------------------------------------------------- tests
 
 
-@pytest.mark.parametrize("backend", ["igl", "torch"])
+@pytest.mark.parametrize("backend", ["grid", "igl", "torch"])
 def test_random_points_match_naive_igl_trimesh(backend):
     import igl
 
@@ -214,7 +214,7 @@ def test_degenerate_triangles_and_on_surface_finite_gradients():
     v = torch.tensor([[0.0, 0, 0], [4, 0, 0], [0, 3, 0], [9, 9, 9]], dtype=torch.float64)[None].requires_grad_(True)
     f = torch.tensor([[0, 1, 2], [3, 3, 3]])
     pts = torch.tensor([[0.0, 0, 0], [2, 0, 0], [1, 1, 0], [9, 9, 9]], dtype=torch.float64)[None].requires_grad_(True)
-    for backend in ("igl", "torch"):
+    for backend in ("grid", "igl", "torch"):
         for sq in (False, True):
             d, fi = point_to_surface(pts, v, f, squared=sq, backend=backend)
             assert d.abs().max() == 0

@@ -6,6 +6,11 @@ Targets on the 2-core development machine: point_to_surface fwd+bwd for 20k poin
 Uses the FLAME-topology template from ``../shared/assets/flame_topology`` beside the repository
 when present (metres -> mm), else a UV sphere of radius 100 mm with ~5k vertices.
 
+``p2s_*`` figures use the ``"auto"`` closest-face backend (``p2s_backend``: ``"grid"``, the
+numba uniform grid, on CPU) and, for comparison, libigl's AABB tree (``*_igl``); ``query_only``
+is the non-differentiable closest-face query alone and ``exact_torch`` the differentiable part
+alone. ``--threads=N`` sets torch's intra-op threads, which the grid query also uses.
+
 Run: ``python -m tempeh.bench.geometry [--quick] [--threads=N]`` (prints JSON).
 """
 from __future__ import annotations
@@ -21,7 +26,8 @@ import numpy as np
 import torch
 
 from tempeh.cameras import Cameras, look_at_rotation
-from tempeh.geometry.point_to_surface import (_gather_triangles, closest_faces, point_to_surface,
+from tempeh.geometry.point_to_surface import (_gather_triangles, _grid_available, _igl_available,
+                                              _resolve_backend, closest_faces, point_to_surface,
                                               point_triangle_distance_sq, safe_sqrt)
 from tempeh.geometry.visibility import visibility
 
@@ -95,12 +101,23 @@ def _run(quick: bool, template: Optional[Path]) -> dict:
     pts = torch.tensor(base, dtype=torch.float32)[None].requires_grad_(True)
     faces = torch.tensor(f)
 
-    def p2s():
-        d, _ = point_to_surface(pts, verts, faces)
+    def p2s(backend: str = "auto"):
+        d, _ = point_to_surface(pts, verts, faces, backend=backend)
         d.mean().backward()
 
+    out["p2s_backend"] = _resolve_backend("auto", pts.device)
+    closest_faces(pts.detach(), verts.detach(), faces)  # one-off JIT compile / cache load of "grid"
     out["p2s_fwd_bwd_20k"] = _time(p2s, repeats)
     out["p2s_query_only_20k"] = _time(lambda: closest_faces(pts.detach(), verts.detach(), faces), repeats)
+    if _igl_available():
+        out["p2s_fwd_bwd_20k_igl"] = _time(lambda: p2s("igl"), repeats)
+        out["p2s_query_only_20k_igl"] = _time(
+            lambda: closest_faces(pts.detach(), verts.detach(), faces, backend="igl"), repeats)
+    if _grid_available():
+        from tempeh.geometry.closest_face import build_triangle_grid
+
+        v32 = verts.detach()[0].double().numpy()
+        out["p2s_grid_build_only"] = _time(lambda: build_triangle_grid(v32, f), repeats)
     fidx = closest_faces(pts.detach(), verts.detach(), faces)
 
     def exact_only():
