@@ -169,6 +169,11 @@ class LossConfig:
     edge_weights: Union[str, Dict[str, float]] = "coarse"
     """Edge-regulariser vertex weights: a preset (``coarse`` | ``refine``) or a mapping
     group -> weight (groups not named get 1)."""
+    w_box: float = 0.0
+    """Weight of the localizer loss (coarse stage with ``model.template_prior_sigma_mm > 0``
+    only; not in the paper): the v2v loss (all vertices, mm^2) between the registration and the
+    template posed by the localizer's box alone, so the localizer learns the head's similarity
+    pose directly instead of only through the soft-argmax."""
 
 
 @dataclass
@@ -677,8 +682,12 @@ def validate_config(cfg: TrainConfig, for_training: bool = False) -> TrainConfig
     need(0 < lo <= hi, "data.augment.scale_range", f"need 0 < lo <= hi, got {(lo, hi)}")
     need(d.augment.brightness_sigma >= 0, "data.augment.brightness_sigma",
          f"must be >= 0, got {d.augment.brightness_sigma}")
-    for k in ("w_v2v", "w_s2m", "w_edge"):
+    for k in ("w_v2v", "w_s2m", "w_edge", "w_box"):
         need(getattr(l, k) >= 0, f"loss.{k}", f"must be >= 0, got {getattr(l, k)}")
+    if l.w_box > 0:
+        need(r.stage == "coarse" and getattr(cfg.model, "template_prior_sigma_mm", 0) > 0,
+             "loss.w_box", "needs the coarse stage with model.template_prior_sigma_mm > 0 "
+             "(it trains the localizer's posed template)")
     need(l.s2m_sigma_mm > 0, "loss.s2m_sigma_mm", f"must be > 0, got {l.s2m_sigma_mm}")
     need(l.s2m_kind in ROBUST_KINDS, "loss.s2m_kind",
          f"expected one of {', '.join(ROBUST_KINDS)}, got {l.s2m_kind!r}")

@@ -163,3 +163,34 @@ def test_projection_image():
     assert img.shape == (30, 120, 3) and img.dtype == np.uint8
     # the origin projects to the principal point (cx, cy) = (19.5, 14.5) in green
     assert tuple(img[14:16, 19:21].reshape(-1, 3).max(0)) == (0, 255, 0)
+
+
+def test_localizer_box_loss_is_v2v_of_the_posed_template(capture, cfg_dir, tmp_path):
+    """loss.w_box trains the localizer on the v2v error of the template it poses; it needs the
+    template prior."""
+    from tempeh.errors import ConfigError
+    from tempeh.losses import v2v_loss
+
+    with pytest.raises(ConfigError, match="loss.w_box"):
+        Trainer(tiny_config(capture, cfg_dir, tmp_path, overrides=["loss.w_box=1.0"]), tmp_path / "a")
+    cfg = tiny_config(capture, cfg_dir, tmp_path, overrides=[
+        "loss.w_box=0.5", "model.template_prior_sigma_mm=40", "model.random_grid_rotation=false",
+        "run.val_interval=0", "run.iterations=2"])
+    tr = Trainer(cfg, tmp_path / "b")
+    batch = next(iter(tr.loader))
+    tr.model.eval()  # deterministic forward to compare with the model's own output
+    pred, posed = tr._forward(batch, train=False)
+    out = tr.model(batch.images, batch.cameras)
+    torch.testing.assert_close(pred, out.verts)
+    torch.testing.assert_close(posed, out.template_posed)
+    terms = tr.loss_terms(pred, batch, posed)
+    torch.testing.assert_close(terms["loss_box"], v2v_loss(out.template_posed, batch.registration))
+    # the posed template is the template moved by the localizer's box (identity rotation at init)
+    tv = torch.as_tensor(tr.template.verts, dtype=torch.float32)
+    centre = 0.5 * (tv.min(0).values + tv.max(0).values)
+    s = out.localizer.scale[0] / tr.model.localizer.init_scale
+    expect = (tv - centre) * s + out.localizer.translation[0] + torch.tensor(cfg.model.grid_center_mm)
+    torch.testing.assert_close(posed[0], expect, atol=1e-3, rtol=1e-4)
+    stats = tr._train_step(batch)
+    assert float(stats["loss_box"]) > 0 and "loss_box" in tr.loss_weights
+    tr.close()

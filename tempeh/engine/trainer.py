@@ -50,7 +50,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -102,16 +102,22 @@ class TrainResult(dict):
 
 
 class _Predictor(nn.Module):
-    """Returns only the vertices (a tensor output for DDP); holds the stage's model."""
+    """Returns the vertices as one tensor (DDP-friendly); holds the stage's model. With
+    ``with_posed`` (coarse stage, ``loss.w_box > 0``) the localizer's posed template is
+    appended along the vertex axis: ``(B, 2N, 3)``."""
 
-    def __init__(self, model: nn.Module, kind: str):
+    def __init__(self, model: nn.Module, kind: str, with_posed: bool = False):
         super().__init__()
         self.model = model
         self.kind = kind
+        self.with_posed = with_posed
 
     def forward(self, images, cameras, coarse_verts=None, generator=None):
         if self.kind == "coarse":
-            return self.model(images, cameras, generator=generator).verts
+            out = self.model(images, cameras, generator=generator)
+            if self.with_posed:
+                return torch.cat([out.verts, out.template_posed], dim=1)
+            return out.verts
         return self.model(images, cameras, coarse_verts, generator=generator).verts
 
 
@@ -194,7 +200,8 @@ class Trainer:
 
         faces_cpu = torch.as_tensor(self.template.faces, dtype=torch.int64)
         self.faces = faces_cpu.to(self.device)
-        self.loss_weights = {"loss_v2v": l.w_v2v, "loss_s2m": l.w_s2m, "loss_edge": l.w_edge}
+        self.loss_weights = {"loss_v2v": l.w_v2v, "loss_s2m": l.w_s2m, "loss_edge": l.w_edge,
+                             "loss_box": l.w_box}
         self.v2v_weights = None
         self.edges = self.edge_weights = None
         try:
@@ -221,7 +228,7 @@ class Trainer:
             self._init_from(cfg.run.init_from)
 
         # ---- distributed wrapper (after weights are final, before the optimiser state is used)
-        self.predictor = _Predictor(self.model, self.kind)
+        self.predictor = _Predictor(self.model, self.kind, with_posed=cfg.loss.w_box > 0)
         self.ddp = None
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -393,8 +400,10 @@ class Trainer:
                 g["lr"] = lr
         return lr
 
-    def loss_terms(self, pred: torch.Tensor, batch) -> Dict[str, torch.Tensor]:
-        """Unweighted ``loss_*`` terms of one batch (float32)."""
+    def loss_terms(self, pred: torch.Tensor, batch,
+                   posed: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """Unweighted ``loss_*`` terms of one batch (float32); ``posed``: the localizer's posed
+        template (``loss_box``)."""
         from tempeh.losses import edge_loss, scan_to_mesh_loss, v2v_loss
 
         l = self.cfg.loss
@@ -406,14 +415,21 @@ class Trainer:
                                                   kind=l.s2m_kind, scan_valid=batch.scan_valid)
         if l.w_edge > 0:
             terms["loss_edge"] = edge_loss(pred, batch.registration, self.edges, self.edge_weights)
+        if l.w_box > 0 and posed is not None:
+            terms["loss_box"] = v2v_loss(posed, batch.registration)
         return terms
 
-    def _forward(self, batch, train: bool) -> torch.Tensor:
+    def _forward(self, batch, train: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(verts (B, N, 3), posed template (B, N, 3) or None)``, float32 mm."""
         net = (self.ddp if (train and self.ddp is not None) else self.predictor)
         with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.amp):
-            verts = net(batch.images, batch.cameras, batch.coarse_verts if self.kind == "refine" else None,
-                        generator=self.generator if train else None)
-        return verts.float()
+            out = net(batch.images, batch.cameras, batch.coarse_verts if self.kind == "refine" else None,
+                      generator=self.generator if train else None)
+        out = out.float()
+        if self.predictor.with_posed:
+            n = out.shape[1] // 2
+            return out[:, :n], out[:, n:]
+        return out, None
 
     def _train_step(self, batch) -> Dict[str, Any]:
         """One optimiser update; returns detached statistics."""
@@ -423,8 +439,8 @@ class Trainer:
         batch = batch.to(self.device, non_blocking=True)
         lr = self._set_lr()
         self.optimizer.zero_grad(set_to_none=True)
-        pred = self._forward(batch, train=True)
-        terms = self.loss_terms(pred, batch)
+        pred, posed = self._forward(batch, train=True)
+        terms = self.loss_terms(pred, batch, posed)
         loss = total_loss(terms, self.loss_weights)
         if not bool(torch.isfinite(loss)):
             raise FloatingPointError(f"non-finite loss at step {self.step + 1} (frames "
@@ -576,7 +592,7 @@ class Trainer:
             if batch is None:
                 continue
             batch = batch.to(self.device)
-            pred = self._forward(batch, train=False)
+            pred, _ = self._forward(batch, train=False)
             d = scan_to_mesh_distances(batch.scan, pred, self.faces, batch.scan_valid)
             for i in range(len(batch)):
                 s2m.append(d[i][batch.scan_valid[i]].cpu().double().numpy())

@@ -123,6 +123,9 @@ class CoarseOutput:
     grid: ``(B, D, D, D, 3)`` the localised grid, world mm.
     initial_grid: ``(B, D, D, D, 3)`` the (possibly rotated) initial grid, world mm.
     grid_rotation: ``(B, 3, 3)`` rotation of the initial grid (identity in eval).
+    template_posed: ``(B, N, 3)`` world mm, the template placed by the localizer alone (the prior
+        means mapped through the box; what ``loss.w_box`` compares with the registration), or None
+        without the template prior.
     """
 
     verts: Tensor
@@ -130,6 +133,7 @@ class CoarseOutput:
     grid: Tensor
     initial_grid: Tensor
     grid_rotation: Tensor
+    template_posed: Optional[Tensor] = None
 
 
 class CoarseModel(nn.Module):
@@ -164,6 +168,7 @@ class CoarseModel(nn.Module):
                                    checkpoint=cfg.head_checkpoint, naive=cfg.head_naive)
         self.register_buffer("prior_weight", None, persistent=False)
         self.register_buffer("prior_feats", None, persistent=False)
+        self.register_buffer("prior_means_mm", None, persistent=False)
         if cfg.template_prior_sigma_mm > 0:
             self._init_template_prior(template_verts)
 
@@ -188,6 +193,9 @@ class CoarseModel(nn.Module):
                            "localizer_init_extent_mm so the prior is not truncated", reach, half, sigma)
         w, f = gaussian_log_prior(means, sigma, cfg.grid_side)
         self.prior_weight, self.prior_feats = w.float(), f.float()
+        self.register_buffer("prior_means_mm", (means * cfg.grid_spacing_mm).float(), persistent=False)
+        with torch.no_grad():  # start from the posed template; the U-Net learns residual logits
+            self.head.weight.zero_()
 
     # ------------------------------------------------------------------ optimiser helpers
     def param_groups(self, lr: float, localizer_lr: float) -> List[Dict]:
@@ -235,9 +243,12 @@ class CoarseModel(nn.Module):
         offsets = grid_offsets(cfg.grid_side, cfg.grid_spacing_mm, dtype=dtype, device=device)
         grid = warp_grid(offsets, loc, center, R_g)
         vol = self._fused(feats, cams, grid)
-        prior = ()
+        prior, posed = (), None
         if self.prior_weight is not None:
             prior = (self.prior_weight.to(dtype), self.prior_feats.to(dtype))
+            # the prior means in initial-grid offset units, through the same box as the grid
+            posed = warp_grid(self.prior_means_mm.to(dtype).view(1, 1, -1, 3), loc, center,
+                              R_g).reshape(B, -1, 3)
         verts = self.head(self.unet(vol), grid, *prior)
         return CoarseOutput(verts=verts, localizer=loc, grid=grid, initial_grid=grid0,
-                            grid_rotation=R_g)
+                            grid_rotation=R_g, template_posed=posed)
