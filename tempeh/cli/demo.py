@@ -2,8 +2,8 @@
 
 Usage::
 
-    demo [--out demo_out] [--fresh] [--config configs/demo_cpu] [--subjects 16]
-         [--sequences-per-subject 2] [--frames-per-sequence 3] [--views 8] [--image-downsample 8]
+    demo [--out demo_out] [--fresh] [--config configs/demo_cpu] [--subjects 40]
+         [--sequences-per-subject 6] [--frames-per-sequence 1] [--views 8] [--image-downsample 8]
          [--scan-points 20000] [--seed 0] [--iterations-scale 1.0] [--set [STAGE:]KEY=VALUE ...]
 
 Phases (each timed, wall and CPU seconds, in ``<out>/summary.json``)::
@@ -62,9 +62,11 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--fresh", action="store_true", help="delete --out and redo every phase")
     p.add_argument("--config", type=Path, default=None,
                    help="folder of <stage>.yaml training configs (default: configs/demo_cpu)")
-    p.add_argument("--subjects", type=int, default=16, help="synthetic subjects (split 60/20/20)")
-    p.add_argument("--sequences-per-subject", type=int, default=2)
-    p.add_argument("--frames-per-sequence", type=int, default=3)
+    p.add_argument("--subjects", type=int, default=40, help="synthetic subjects (split 60/20/20)")
+    # one frame per sequence: consecutive frames of a sequence barely differ in pose, and the
+    # coarse stage's pose estimate needs as many distinct poses as the budget allows
+    p.add_argument("--sequences-per-subject", type=int, default=6)
+    p.add_argument("--frames-per-sequence", type=int, default=1)
     p.add_argument("--views", type=int, default=8, help="cameras of the synthetic rig")
     p.add_argument("--image-downsample", type=int, default=8,
                    help="images stored at 1600x1200 / this")
