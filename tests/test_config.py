@@ -209,7 +209,9 @@ def _train_step(model_cfg) -> None:
     images = torch.rand(B, V, 1, H, W)
     gen = torch.Generator().manual_seed(0)
     if isinstance(model_cfg, CoarseConfig):
-        model = CoarseModel(model_cfg).train()
+        # a template (only used by configs with the template prior) inside the initial box
+        tv = (torch.rand(model_cfg.num_verts, 3, generator=gen) - 0.5) * 100.0
+        model = CoarseModel(model_cfg, tv).train()
         verts = model(images, cams, generator=gen).verts
         assert verts.shape == (B, model_cfg.num_verts, 3)
     else:
