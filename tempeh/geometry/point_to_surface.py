@@ -193,12 +193,18 @@ def _check_inputs(points: Tensor, verts: Tensor, faces: Tensor, where: str) -> N
         raise ValueError(f"{where}: faces must be an integer tensor, got {faces.dtype}")
     if not points.dtype.is_floating_point or points.dtype != verts.dtype:
         raise ValueError(f"{where}: points and verts must share a floating dtype, got {points.dtype}, {verts.dtype}")
-    fmin, fmax = int(faces.min()), int(faces.max())
+    on_cpu = (points.device.type == verts.device.type == faces.device.type == "cpu"
+              and points.dtype in (torch.float32, torch.float64))
+    # On CPU the reductions run in numpy: a torch parallel op here leaves torch's OpenMP workers
+    # spinning while the (threaded) closest-face query starts, which cost ~5 ms per call.
+    fs = faces.detach().numpy() if on_cpu else faces
+    fmin, fmax = int(fs.min()), int(fs.max())
     if fmin < 0 or fmax >= verts.shape[1]:
         raise ValueError(f"{where}: face indices out of range [0, {verts.shape[1]}): min {fmin}, max {fmax}")
     for name, x, item in (("points", points, "point"), ("verts", verts, "vertex")):
         # cheap test first: the sum is finite unless some entry is NaN/inf (or it overflows)
-        if not bool(torch.isfinite(x.detach().sum(dtype=torch.float64))):
+        total = x.detach().numpy().sum(dtype=np.float64) if on_cpu else x.detach().sum(dtype=torch.float64)
+        if not bool(np.isfinite(float(total))):
             nonfinite = (~torch.isfinite(x.detach())).any(-1)
             if bool(nonfinite.any()):
                 bad = nonfinite.nonzero()[0].tolist()
@@ -250,13 +256,21 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def _numpy64(x: Tensor) -> np.ndarray:
+    """``x`` as a float64 numpy array, converted by numpy (see the note in ``_check_inputs``)."""
+    x = x.detach().cpu()
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.double()
+    return x.numpy().astype(np.float64)
+
+
 def _closest_faces_grid(points: Tensor, verts: Tensor, faces: Tensor) -> Tensor:
     from tempeh.geometry.closest_face import build_triangle_grid, query_triangle_grid
 
     f = faces.detach().cpu().numpy()
     n_threads = torch.get_num_threads()
     out = []
-    for p, v in zip(points.detach().cpu().double().numpy(), verts.detach().cpu().double().numpy()):
+    for p, v in zip(_numpy64(points), _numpy64(verts)):
         grid = build_triangle_grid(v, f)
         out.append(query_triangle_grid(grid, p, num_threads=n_threads)[0])
     return torch.from_numpy(np.stack(out)).to(points.device)
