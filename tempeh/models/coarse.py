@@ -193,7 +193,7 @@ class CoarseModel(nn.Module):
                            "localizer_init_extent_mm so the prior is not truncated", reach, half, sigma)
         w, f = gaussian_log_prior(means, sigma, cfg.grid_side)
         self.prior_weight, self.prior_feats = w.float(), f.float()
-        self.register_buffer("prior_means_mm", (means * cfg.grid_spacing_mm).float(), persistent=False)
+        self.prior_means_mm = (means * cfg.grid_spacing_mm).float()  # initial-grid offsets, mm
         with torch.no_grad():  # start from the posed template; the U-Net learns residual logits
             self.head.weight.zero_()
 
