@@ -185,6 +185,8 @@ def test_localizer_box_loss_is_v2v_of_the_posed_template(capture, cfg_dir, tmp_p
     torch.testing.assert_close(posed, out.template_posed)
     terms = tr.loss_terms(pred, batch, posed)
     torch.testing.assert_close(terms["loss_box"], v2v_loss(out.template_posed, batch.registration))
+    with pytest.raises(ValueError, match="posed template"):  # never skipped silently
+        tr.loss_terms(pred, batch, None)
     # the posed template is the template moved by the localizer's box (identity rotation at init)
     tv = torch.as_tensor(tr.template.verts, dtype=torch.float32)
     centre = 0.5 * (tv.min(0).values + tv.max(0).values)

@@ -415,7 +415,9 @@ class Trainer:
                                                   kind=l.s2m_kind, scan_valid=batch.scan_valid)
         if l.w_edge > 0:
             terms["loss_edge"] = edge_loss(pred, batch.registration, self.edges, self.edge_weights)
-        if l.w_box > 0 and posed is not None:
+        if l.w_box > 0:
+            if posed is None:  # validate_config requires the template prior; never skip silently
+                raise ValueError("loss.w_box > 0 but the model returned no posed template")
             terms["loss_box"] = v2v_loss(posed, batch.registration)
         return terms
 

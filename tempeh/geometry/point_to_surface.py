@@ -281,7 +281,7 @@ def _closest_faces_igl(points: Tensor, verts: Tensor, faces: Tensor) -> Tensor:
 
     f = np.ascontiguousarray(faces.detach().cpu().numpy().astype(np.int64))
     out = []
-    for p, v in zip(points.detach().cpu().double().numpy(), verts.detach().cpu().double().numpy()):
+    for p, v in zip(_numpy64(points), _numpy64(verts)):
         _, idx, _ = igl.point_mesh_squared_distance(np.ascontiguousarray(p), np.ascontiguousarray(v), f)
         out.append(np.asarray(idx, dtype=np.int64).reshape(-1))
     return torch.from_numpy(np.stack(out)).to(points.device)

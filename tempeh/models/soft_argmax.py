@@ -84,12 +84,15 @@ def _augment(feats: Tensor, weight: Tensor, bias: Tensor, prior_weight: Optional
     return torch.cat(rows, 1), torch.cat(cols, 1)
 
 
+def _aug_logits(feats_aug: Tensor, weight_aug: Tensor) -> Tensor:
+    """``feats_aug (B, C', G)``, ``weight_aug (n, C')`` (from :func:`_augment`) -> contiguous
+    logits ``(B, n, G)``."""
+    return torch.bmm(weight_aug.unsqueeze(0).expand(feats_aug.shape[0], -1, -1), feats_aug)
+
+
 def _chunk_soft_argmax(feats_aug: Tensor, coords: Tensor, weight_aug: Tensor) -> Tensor:
-    """``feats_aug (B, C', G)``, ``coords (B, G, 3)``, ``weight_aug (n, C')`` (from
-    :func:`_augment`) -> ``(B, n, 3)``."""
-    B = feats_aug.shape[0]
-    logits = torch.bmm(weight_aug.unsqueeze(0).expand(B, -1, -1), feats_aug)  # (B, n, G)
-    return soft_argmax(logits, coords)
+    """``feats_aug (B, C', G)``, ``coords (B, G, 3)``, ``weight_aug (n, C')`` -> ``(B, n, 3)``."""
+    return soft_argmax(_aug_logits(feats_aug, weight_aug), coords)
 
 
 class SoftArgmaxHead(nn.Module):
@@ -118,10 +121,11 @@ class SoftArgmaxHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(self.num_verts))
         nn.init.xavier_normal_(self.weight)
 
-    def logits(self, feats: Tensor) -> Tensor:
-        """All logits at once: ``feats (B, C, D, D, D)`` -> ``(B, N, G)`` (the naive path)."""
-        f = feats.flatten(2)
-        return torch.matmul(self.weight, f) + self.bias.unsqueeze(-1)
+    def logits(self, feats: Tensor, prior_weight: Optional[Tensor] = None,
+               prior_feats: Optional[Tensor] = None) -> Tensor:
+        """All logits at once: ``feats (B, C, D, D, D)`` -> ``(B, N, G)`` (the naive path; the
+        optional prior as in :meth:`forward`)."""
+        return _aug_logits(*_augment(feats.flatten(2), self.weight, self.bias, prior_weight, prior_feats))
 
     def forward(self, feats: Tensor, coords: Tensor, prior_weight: Optional[Tensor] = None,
                 prior_feats: Optional[Tensor] = None) -> Tensor:
@@ -167,7 +171,7 @@ class SoftArgmaxHead(nn.Module):
         return torch.cat(outs, dim=1)
 
 
-def gaussian_log_prior(means: Tensor, sigma: float, side: int) -> "tuple[Tensor, Tensor]":
+def gaussian_log_prior(means: Tensor, sigma: float, side: int) -> Tuple[Tensor, Tensor]:
     """An isotropic Gaussian log-prior per vertex over a ``side^3`` grid, in grid units.
 
     ``log p_n(g) = -|u_g - mu_n|^2 / (2 sigma^2) + const`` with ``u_g = (i, j, k) - (side - 1) / 2``
