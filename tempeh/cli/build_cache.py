@@ -18,7 +18,7 @@ import logging
 from pathlib import Path
 from typing import Optional, Sequence
 
-from tempeh.cli.common import parse_cli, setup_logging
+from tempeh.cli.common import parse_cli
 from tempeh.errors import TempehDataError
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args, code = parse_cli(_parse_args, argv)
     if args is None:
         return code
-    setup_logging(args.verbose)
     if args.image_downsample <= 0:
         print("--image-downsample must be > 0")
         return 2

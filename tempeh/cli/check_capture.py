@@ -38,7 +38,7 @@ import cv2
 import numpy as np
 import torch
 
-from tempeh.cli.common import parse_cli, setup_logging
+from tempeh.cli.common import parse_cli
 from tempeh.cameras import Cameras
 from tempeh.errors import TempehDataError
 from tempeh.io.images import check_png_complete, image_size, read_gray, write_png
@@ -296,8 +296,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args, code = parse_cli(_parse_args, argv)
     if args is None:
         return code
-    if args.verbose:
-        setup_logging(True)
     report = Report()
     if not args.capture.is_dir():
         print(f"{args.capture}: capture folder not found")

@@ -46,7 +46,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from tqdm import tqdm
 
-from tempeh.cli.common import parse_cli, setup_logging
+from tempeh.cli.common import parse_cli
 from tempeh.errors import TempehDataError
 from tempeh.eval.metrics import (REPORT_REGIONS, cumulative_error_curve, scan_to_mesh,
                                  second_differences, summary, v2v_error)
@@ -335,8 +335,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args, code = parse_cli(_parse_args, argv)
     if args is None:
         return code
-    if args.verbose:
-        setup_logging(True)
     code = 0
     if args.pred is not None:
         code = evaluate(args)

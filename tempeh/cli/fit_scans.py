@@ -43,7 +43,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from tempeh.io.layout import frame_file
-from tempeh.cli.common import parse_cli, setup_logging
+from tempeh.cli.common import parse_cli
 from tempeh.register import frame_sort_key, parse_shard
 from tempeh.errors import ConfigError, TempehDataError
 
@@ -139,10 +139,9 @@ def _write_report(path: Path, header: Dict, entries: List[Dict]) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command; returns 0 (all done), 1 (a frame failed / unusable input), 2 (args)."""
-    args, code = parse_cli(_parse_args, argv)
+    args, code = parse_cli(_parse_args, argv, log_default=logging.INFO)
     if args is None:
         return code
-    setup_logging(args.verbose, default=logging.INFO)
     try:
         shard = parse_shard(args.shard)
         cfg = _load_config(args.config, args.overrides, args.threads)

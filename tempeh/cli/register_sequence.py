@@ -44,7 +44,7 @@ import signal
 from pathlib import Path
 from typing import Optional, Sequence
 
-from tempeh.cli.common import parse_cli, setup_logging
+from tempeh.cli.common import parse_cli
 from tempeh.errors import ConfigError, TempehDataError
 
 logger = logging.getLogger(__name__)
@@ -168,7 +168,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args, code = parse_cli(_parse_args, argv)
     if args is None:
         return code
-    setup_logging(args.verbose)
     if args.merge:
         return _merge(args)
 

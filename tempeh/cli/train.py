@@ -62,7 +62,7 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the selected stages; see the module docstring for arguments and exit codes."""
-    args, code = parse_cli(_parse_args, argv)
+    args, code = parse_cli(_parse_args, argv, log_default=None)
     if args is None:
         return code
     from tempeh.engine import distributed as D

@@ -30,7 +30,7 @@ import cv2
 import numpy as np
 import torch
 
-from tempeh.cli.common import parse_cli, setup_logging
+from tempeh.cli.common import parse_cli
 from tempeh.cameras import Cameras, look_at_rotation
 from tempeh.errors import TempehDataError
 
@@ -196,7 +196,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args, code = parse_cli(_parse_args, argv)
     if args is None:
         return code
-    setup_logging(args.verbose)
     from tempeh.data.dataset import load_views
     from tempeh.io.images import write_png
     from tempeh.io.layout import CaptureLayout, frame_id
