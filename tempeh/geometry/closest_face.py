@@ -414,6 +414,17 @@ def _axis_dist(p, origin, h, i):
 
 
 @njit(cache=True, nogil=True)
+def _slab_d2(p, origin, h, i, n, other_d2):
+    """Squared distance bound to the slab of cells at index ``i`` along one axis (``inf`` when
+    ``i`` is outside ``[0, n)``): the axis distance squared plus ``other_d2``, the squared
+    distance to the grid along the other two axes."""
+    if i < 0 or i >= n:
+        return np.inf
+    d = _axis_dist(p, origin, h, i)
+    return d * d + other_d2
+
+
+@njit(cache=True, nogil=True)
 def _visit_cell(px, py, pz, c, cell_start, cell_tris, rec, best, best_f):
     for e in range(cell_start[c], cell_start[c + 1]):
         f = cell_tris[e]
@@ -466,25 +477,12 @@ def _query_one(px, py, pz, seed_f, nx, ny, nz, ox, oy, oz, h, cell_start, cell_t
         if r > 0:
             # lower bound for every cell in shells >= r: such a cell is at offset >= r along
             # some axis, and the axis distances grow with the offset from the (clamped) cell
-            lb = np.inf
-            if ci - r >= 0:
-                d = _axis_dist(px, ox, h, ci - r)
-                lb = min(lb, d * d + gy2 + gz2)
-            if ci + r < nx:
-                d = _axis_dist(px, ox, h, ci + r)
-                lb = min(lb, d * d + gy2 + gz2)
-            if cj - r >= 0:
-                d = _axis_dist(py, oy, h, cj - r)
-                lb = min(lb, d * d + gx2 + gz2)
-            if cj + r < ny:
-                d = _axis_dist(py, oy, h, cj + r)
-                lb = min(lb, d * d + gx2 + gz2)
-            if ck - r >= 0:
-                d = _axis_dist(pz, oz, h, ck - r)
-                lb = min(lb, d * d + gx2 + gy2)
-            if ck + r < nz:
-                d = _axis_dist(pz, oz, h, ck + r)
-                lb = min(lb, d * d + gx2 + gy2)
+            lb = min(min(_slab_d2(px, ox, h, ci - r, nx, gy2 + gz2),
+                          _slab_d2(px, ox, h, ci + r, nx, gy2 + gz2)),
+                     min(min(_slab_d2(py, oy, h, cj - r, ny, gx2 + gz2),
+                             _slab_d2(py, oy, h, cj + r, ny, gx2 + gz2)),
+                         min(_slab_d2(pz, oz, h, ck - r, nz, gx2 + gy2),
+                             _slab_d2(pz, oz, h, ck + r, nz, gx2 + gy2))))
             if lb >= best:
                 break
         i0, i1 = max(ci - r, 0), min(ci + r, nx - 1)
