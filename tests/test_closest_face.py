@@ -208,6 +208,49 @@ def test_threads_dtypes_and_repeat_queries_are_consistent():
     assert fe.shape == (0,) and de.shape == (0,)
 
 
+def test_barycentrics_give_the_closest_point_incl_edges_and_vertices():
+    v, f = bumpy_sphere(2, seed=21)
+    rng = np.random.default_rng(22)
+    tri = v[f]
+    n = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    n /= np.linalg.norm(n, axis=1, keepdims=True)
+    k = rng.integers(0, len(f), 200)
+    pts = np.concatenate([
+        v[rng.integers(0, len(v), 200)] + rng.normal(size=(200, 3)) * 0.5,  # near vertices
+        0.5 * (tri[k, 0] + tri[k, 1]) + rng.normal(size=(200, 3)) * 0.5,  # near edge midpoints
+        tri[k].mean(1) + n[k] * rng.uniform(-3, 3, (200, 1)),  # above triangle interiors
+        rng.normal(size=(200, 3)) * 150.0,  # far, inside and outside
+    ])
+    fi, d2, w = closest_faces_grid(pts, v, f, with_bary=True)
+    assert (w >= 0).all()
+    np.testing.assert_allclose(w.sum(1), 1.0, atol=1e-12)
+    q = (w[:, :, None] * v[f[fi]]).sum(1)
+    q_ref = closest_on_triangle(pts, *v[f[fi]].transpose(1, 0, 2))
+    np.testing.assert_allclose(q, q_ref, atol=1e-9 * np.ptp(v))
+    np.testing.assert_allclose(((pts - q) ** 2).sum(1), d2, rtol=1e-9, atol=1e-9)
+    # the query-only entry point gives the same weights
+    _, _, w2 = query_triangle_grid(build_triangle_grid(v, f), pts, with_bary=True)
+    np.testing.assert_array_equal(w, w2)
+
+
+def test_reused_buffers_across_meshes_and_owned_grids():
+    """The internal path reuses per-thread buffers: alternating meshes of different sizes gives
+    the same answers, and a grid from build_triangle_grid is not overwritten by later calls."""
+    small, big = bumpy_sphere(1, seed=23), bumpy_sphere(3, seed=24)
+    rng = np.random.default_rng(25)
+    pts = rng.normal(size=(500, 3)) * 90.0
+    grid_small = build_triangle_grid(*small)
+    ref_small = query_triangle_grid(grid_small, pts)
+    ref_big = closest_faces_grid(pts, *big)
+    for _ in range(2):
+        for (fi, d2), ref in ((closest_faces_grid(pts, *small), ref_small), (closest_faces_grid(pts, *big), ref_big)):
+            np.testing.assert_array_equal(fi, ref[0])
+            np.testing.assert_array_equal(d2, ref[1])
+    again = query_triangle_grid(grid_small, pts)
+    np.testing.assert_array_equal(again[0], ref_small[0])
+    np.testing.assert_array_equal(again[1], ref_small[1])
+
+
 # ----------------------------------------------------------------------------- point_to_surface backend
 
 

@@ -6,15 +6,17 @@ provable lower bound on the distance of every unvisited triangle is no smaller t
 distance found. It is the ``"grid"`` backend of
 :func:`tempeh.geometry.point_to_surface.closest_faces` (the default on CPU).
 
-Build (per call, because the vertices change at every training step; O(F + cells), serial):
+Build (per call, because the vertices change at every training step; O(F + cells), serial;
+phase 1 :func:`_grid_shape` sizes the grid, phase 2 :func:`_build_into` fills it):
 
 1. Per triangle a record: bounding box, unit normal and plane offset, vertices, inverse squared
    edge lengths (:class:`TriangleGrid`). The grid spans the union of the bounding boxes
    (vertices used by no face are ignored).
 2. Cell size ``h = cell_scale * mean edge length`` (``cell_scale`` defaults to
-   :data:`DEFAULT_CELL_SCALE` = 1: on the FLAME template, 5.1 mm cells, 42 x 63 x 45 of them, a
-   point within a few mm of the surface then visits ~5 cells of ~10 triangles; 0.7-1.4 were
-   equally fast). ``h`` grows by x1.5 while the grid would hold more than ``max(64 F, 4096)``
+   :data:`DEFAULT_CELL_SCALE` = 1: on the FLAME template, 5.1 mm cells, 42 x 63 x 45 of them; the
+   benchmark's points, within a few mm of the surface where vertices are dense, visit ~4.3
+   cells and bound-test ~99 triangles each (~5 per cell on average, far more in the dense eye
+   and mouth regions); 0.7-1.4 were equally fast). ``h`` grows by x1.5 while the grid would hold more than ``max(64 F, 4096)``
    cells or the triangles' bounding boxes would cover more than that many cells in total, so
    meshes with very uneven triangle sizes (a few huge triangles among tiny ones) or far-apart
    parts stay O(F) in memory. A mesh collapsed onto one point gets a single cell.
@@ -42,8 +44,18 @@ ranges of them, the numba kernel releasing the GIL):
   :func:`tempeh.geometry.point_to_surface.point_triangle_distance_sq`) have only the 3 edges.
 * The first triangle tried is the previous point's answer (the seed restarts every 64 points,
   so results do not depend on the thread count), then the own cell's triangle with the smallest
-  lower bound: a tight first upper bound prunes most of the rest.
+  lower bound: a tight first upper bound prunes most of the rest. The own cell's bounds are kept
+  for its remaining triangles, and a per-point stamp skips triangles already tested in an
+  earlier cell (a triangle is registered in ~5 cells; on the FLAME benchmark this halved the
+  exact evaluations per point, 13 -> 6.5).
+* Optionally (``with_bary``) the barycentric weights of the closest point on the winning
+  triangle, from the same 4 candidates; ``point_to_surface`` uses them for its differentiable
+  part instead of re-solving the point-triangle problem in torch.
 * Ties (equidistant triangles, e.g. a closest point on a shared edge) return one of them.
+
+Buffers: :func:`closest_faces_grid` builds into per-thread work arrays kept between calls
+(see :class:`_Buffers`: fresh multi-MB arrays cost ~900 page faults, ~3 ms, per build on the
+development VM); :func:`build_triangle_grid` returns a grid with arrays of its own.
 
 Cost: the first call in a fresh environment JIT-compiles the kernels (~10-20 s on the 2-core
 development machine); ``cache=True`` stores the machine code in ``__pycache__`` beside this file
@@ -61,6 +73,7 @@ Units: whatever the inputs use (mm in tempeh); ``dist_sq`` is in unit^2.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -137,12 +150,13 @@ class TriangleGrid(NamedTuple):
 
 
 @njit(cache=True, nogil=True)
-def _segment_d2(qx, qy, qz, ex, ey, ez, inv_ee):
-    """Squared distance from ``o + q`` to the segment ``o + t e, t in [0, 1]``; ``inv_ee`` is
-    ``1 / |e|^2`` (0 for a zero-length segment, which then is the point ``o``)."""
+def _segment_td2(qx, qy, qz, ex, ey, ez, inv_ee):
+    """Closest point ``o + t e, t in [0, 1]`` of a segment to ``o + q``: ``(t, squared
+    distance)``; ``inv_ee`` is ``1 / |e|^2`` (0 for a zero-length segment, which then is the
+    point ``o``, ``t = 0``)."""
     t = min(max((qx * ex + qy * ey + qz * ez) * inv_ee, 0.0), 1.0)
     dx, dy, dz = qx - t * ex, qy - t * ey, qz - t * ez
-    return dx * dx + dy * dy + dz * dz
+    return t, dx * dx + dy * dy + dz * dz
 
 
 @njit(cache=True, nogil=True)
@@ -169,51 +183,92 @@ def _point_triangle_d2(px, py, pz, rec, f):
     wa = nlen - wb - wc
     h = apx * nx + apy * ny + apz * nz
     d_in = h * h if (wa >= 0.0) & (wb >= 0.0) & (wc >= 0.0) & (nlen > 0.0) else np.inf
-    d_ab = _segment_d2(apx, apy, apz, abx, aby, abz, rec[f, 20])
-    d_ac = _segment_d2(apx, apy, apz, acx, acy, acz, rec[f, 21])
-    d_bc = _segment_d2(bpx, bpy, bpz, rec[f, 16] - bx, rec[f, 17] - by, rec[f, 18] - bz, rec[f, 22])
+    d_ab = _segment_td2(apx, apy, apz, abx, aby, abz, rec[f, 20])[1]
+    d_ac = _segment_td2(apx, apy, apz, acx, acy, acz, rec[f, 21])[1]
+    d_bc = _segment_td2(bpx, bpy, bpz, rec[f, 16] - bx, rec[f, 17] - by, rec[f, 18] - bz, rec[f, 22])[1]
     return min(min(d_in, d_ab), min(d_ac, d_bc))
 
 
 @njit(cache=True, nogil=True)
-def _triangle_records(verts, faces):
-    """Unsorted ``(F, _REC)`` records (see :class:`TriangleGrid`) and the mean edge length."""
-    F = faces.shape[0]
-    rec = np.zeros((F, _REC), dtype=np.float64)
-    edge_sum = 0.0
-    for f in range(F):
-        for k in range(3):
-            v = faces[f, k]
-            for d in range(3):
-                rec[f, 10 + 3 * k + d] = verts[v, d]
+def _write_bary(px, py, pz, rec, f, out_w, n):
+    """Write to ``out_w[n]`` the barycentric weights (of the record's vertices a, b, c, i.e. the
+    face's vertices in order) of the closest point of triangle ``rec[f]`` to p: the winner of
+    the same 4 candidates as :func:`_point_triangle_d2` (interior, edges ab, ac, bc)."""
+    ax, ay, az = rec[f, 10], rec[f, 11], rec[f, 12]
+    bx, by, bz = rec[f, 13], rec[f, 14], rec[f, 15]
+    nx, ny, nz, nlen = rec[f, 6], rec[f, 7], rec[f, 8], rec[f, 19]
+    abx, aby, abz = bx - ax, by - ay, bz - az
+    acx, acy, acz = rec[f, 16] - ax, rec[f, 17] - ay, rec[f, 18] - az
+    apx, apy, apz = px - ax, py - ay, pz - az
+    bpx, bpy, bpz = px - bx, py - by, pz - bz
+    wc = (aby * apz - abz * apy) * nx + (abz * apx - abx * apz) * ny + (abx * apy - aby * apx) * nz
+    wb = (apy * acz - apz * acy) * nx + (apz * acx - apx * acz) * ny + (apx * acy - apy * acx) * nz
+    wa = nlen - wb - wc
+    best = np.inf
+    if (wa >= 0.0) & (wb >= 0.0) & (wc >= 0.0) & (nlen > 0.0):
+        h = apx * nx + apy * ny + apz * nz
+        best = h * h
+        out_w[n, 0], out_w[n, 1], out_w[n, 2] = wa / nlen, wb / nlen, wc / nlen
+    t, d = _segment_td2(apx, apy, apz, abx, aby, abz, rec[f, 20])
+    if d < best:
+        best = d
+        out_w[n, 0], out_w[n, 1], out_w[n, 2] = 1.0 - t, t, 0.0
+    t, d = _segment_td2(apx, apy, apz, acx, acy, acz, rec[f, 21])
+    if d < best:
+        best = d
+        out_w[n, 0], out_w[n, 1], out_w[n, 2] = 1.0 - t, 0.0, t
+    t, d = _segment_td2(bpx, bpy, bpz, rec[f, 16] - bx, rec[f, 17] - by, rec[f, 18] - bz, rec[f, 22])
+    if d < best:
+        out_w[n, 0], out_w[n, 1], out_w[n, 2] = 0.0, 1.0 - t, t
+
+
+@njit(cache=True, nogil=True)
+def _write_record(verts, faces, fo, rec, m):
+    """Fill ``rec[m]`` (see :class:`TriangleGrid`) with the record of face ``fo``."""
+    for k in range(3):
+        v = faces[fo, k]
         for d in range(3):
-            rec[f, d] = min(rec[f, 10 + d], min(rec[f, 13 + d], rec[f, 16 + d]))
-            rec[f, 3 + d] = max(rec[f, 10 + d], max(rec[f, 13 + d], rec[f, 16 + d]))
-        ax, ay, az = rec[f, 10], rec[f, 11], rec[f, 12]
-        abx, aby, abz = rec[f, 13] - ax, rec[f, 14] - ay, rec[f, 15] - az
-        acx, acy, acz = rec[f, 16] - ax, rec[f, 17] - ay, rec[f, 18] - az
-        bcx, bcy, bcz = rec[f, 16] - rec[f, 13], rec[f, 17] - rec[f, 14], rec[f, 18] - rec[f, 15]
-        nx = aby * acz - abz * acy
-        ny = abz * acx - abx * acz
-        nz = abx * acy - aby * acx
-        ab2 = abx * abx + aby * aby + abz * abz
-        ac2 = acx * acx + acy * acy + acz * acz
-        bc2 = bcx * bcx + bcy * bcy + bcz * bcz
-        nn = nx * nx + ny * ny + nz * nz
-        # same criterion as point_to_surface._point_triangle (sin^2 of the angle at a <= eps)
-        if nn > 2.220446049250313e-16 * ab2 * ac2:
-            nlen = math.sqrt(nn)
-            nx, ny, nz = nx / nlen, ny / nlen, nz / nlen
-        else:  # degenerate: no plane (bound 0), only the 3 edges
-            nlen, nx, ny, nz = 0.0, 0.0, 0.0, 0.0
-        rec[f, 6], rec[f, 7], rec[f, 8] = nx, ny, nz
-        rec[f, 9] = nx * ax + ny * ay + nz * az
-        rec[f, 19] = nlen
-        rec[f, 20] = 1.0 / ab2 if ab2 > 0.0 else 0.0
-        rec[f, 21] = 1.0 / ac2 if ac2 > 0.0 else 0.0
-        rec[f, 22] = 1.0 / bc2 if bc2 > 0.0 else 0.0
-        edge_sum += math.sqrt(ab2) + math.sqrt(ac2) + math.sqrt(bc2)
-    return rec, edge_sum / (3.0 * F)
+            rec[m, 10 + 3 * k + d] = verts[v, d]
+    for d in range(3):
+        rec[m, d] = min(rec[m, 10 + d], min(rec[m, 13 + d], rec[m, 16 + d]))
+        rec[m, 3 + d] = max(rec[m, 10 + d], max(rec[m, 13 + d], rec[m, 16 + d]))
+    ax, ay, az = rec[m, 10], rec[m, 11], rec[m, 12]
+    abx, aby, abz = rec[m, 13] - ax, rec[m, 14] - ay, rec[m, 15] - az
+    acx, acy, acz = rec[m, 16] - ax, rec[m, 17] - ay, rec[m, 18] - az
+    bcx, bcy, bcz = rec[m, 16] - rec[m, 13], rec[m, 17] - rec[m, 14], rec[m, 18] - rec[m, 15]
+    nx = aby * acz - abz * acy
+    ny = abz * acx - abx * acz
+    nz = abx * acy - aby * acx
+    ab2 = abx * abx + aby * aby + abz * abz
+    ac2 = acx * acx + acy * acy + acz * acz
+    bc2 = bcx * bcx + bcy * bcy + bcz * bcz
+    nn = nx * nx + ny * ny + nz * nz
+    # same criterion as point_to_surface._point_triangle (sin^2 of the angle at a <= eps)
+    if nn > 2.220446049250313e-16 * ab2 * ac2:
+        nlen = math.sqrt(nn)
+        nx, ny, nz = nx / nlen, ny / nlen, nz / nlen
+    else:  # degenerate: no plane (bound 0), only the 3 edges
+        nlen, nx, ny, nz = 0.0, 0.0, 0.0, 0.0
+    rec[m, 6], rec[m, 7], rec[m, 8] = nx, ny, nz
+    rec[m, 9] = nx * ax + ny * ay + nz * az
+    rec[m, 19] = nlen
+    rec[m, 20] = 1.0 / ab2 if ab2 > 0.0 else 0.0
+    rec[m, 21] = 1.0 / ac2 if ac2 > 0.0 else 0.0
+    rec[m, 22] = 1.0 / bc2 if bc2 > 0.0 else 0.0
+    rec[m, 23] = 0.0
+
+
+@njit(cache=True, nogil=True)
+def _face_box(verts, faces, f, d):
+    """Extent ``(min, max)`` of face ``f`` along axis ``d``."""
+    x, y, z = verts[faces[f, 0], d], verts[faces[f, 1], d], verts[faces[f, 2], d]
+    return min(x, min(y, z)), max(x, max(y, z))
+
+
+@njit(cache=True, nogil=True)
+def _dist3(verts, i, j):
+    dx, dy, dz = verts[i, 0] - verts[j, 0], verts[i, 1] - verts[j, 1], verts[i, 2] - verts[j, 2]
+    return math.sqrt(dx * dx + dy * dy + dz * dz)
 
 
 @njit(cache=True, nogil=True)
@@ -251,38 +306,41 @@ def _morton(i, j, k):
 
 
 @njit(cache=True, nogil=True)
-def _radix_argsort(keys, nbits):
-    """Stable argsort of non-negative int64 ``keys`` < 2**nbits (LSD radix sort, 8-bit digits)."""
+def _radix_argsort(keys, nbits, order, tmp):
+    """Stable argsort of non-negative int64 ``keys`` < 2**nbits (LSD radix sort, 8-bit digits)
+    into the caller's buffers ``order`` and ``tmp`` (same length as ``keys``); the permutation
+    ends in ``order``."""
     n = keys.shape[0]
-    order = np.arange(n)
-    tmp = np.empty(n, dtype=np.int64)
+    for m in range(n):
+        order[m] = m
+    out = order
     count = np.empty(257, dtype=np.int64)
     shift = 0
     while shift < nbits:
         count[:] = 0
         for m in range(n):
-            count[((keys[order[m]] >> shift) & 255) + 1] += 1
+            count[((keys[out[m]] >> shift) & 255) + 1] += 1
         for b in range(256):
             count[b + 1] += count[b]
         for m in range(n):
-            d = (keys[order[m]] >> shift) & 255
-            tmp[count[d]] = order[m]
+            d = (keys[out[m]] >> shift) & 255
+            tmp[count[d]] = out[m]
             count[d] += 1
-        order, tmp = tmp, order
+        out, tmp = tmp, out
         shift += 8
-    return order
+    if out is not order:
+        order[:] = out
 
 
 @njit(cache=True, nogil=True)
-def _morton_order(xyz, origin, h, nx, ny, nz, nbits):
-    """Permutation sorting the rows of ``xyz (n, 3)`` by the Morton code of their clamped cell."""
-    n = xyz.shape[0]
-    keys = np.empty(n, dtype=np.int64)
-    for m in range(n):
+def _morton_order(xyz, origin, h, nx, ny, nz, nbits, keys, order, tmp):
+    """Permutation (in ``order``) sorting the rows of ``xyz (n, 3)`` by the Morton code of their
+    clamped cell; ``keys``, ``order``, ``tmp``: int64 buffers of length ``n``."""
+    for m in range(xyz.shape[0]):
         keys[m] = _morton(_clamped_cell(xyz[m, 0], origin[0], h, nx),
                           _clamped_cell(xyz[m, 1], origin[1], h, ny),
                           _clamped_cell(xyz[m, 2], origin[2], h, nz))
-    return _radix_argsort(keys, nbits)
+    _radix_argsort(keys, nbits, order, tmp)
 
 
 @njit(cache=True, nogil=True)
@@ -309,24 +367,15 @@ def _plane_hits_cell(rec, f, origin, h, i, j, k):
 
 
 @njit(cache=True, nogil=True)
-def _fill_cells(rec, origin, h, nx, ny, nz, cap):
+def _fill_cells(rec, origin, h, nx, ny, nz, cell_start, pair_cell, pair_tri, cell_tris):
     """CSR cell lists: triangle ``f`` goes into every cell of its (widened) bounding box that its
-    plane meets. Returns ``(cell_start, cell_tris, entries)``; when the bounding boxes cover more
-    than ``cap`` cells in total it returns empty lists and that total (the caller coarsens)."""
+    plane meets. Writes ``cell_start (cells + 1,)`` and the first ``entries`` of ``cell_tris``;
+    ``pair_cell``, ``pair_tri``, ``cell_tris`` hold at least the bounding boxes' cell count (the
+    ``bound`` of :func:`_grid_shape`). Returns ``entries``."""
     F = rec.shape[0]
-    bound = 0
-    for f in range(F):
-        i0, i1 = _cell_range(rec[f, 0], rec[f, 3], origin[0], h, nx)
-        j0, j1 = _cell_range(rec[f, 1], rec[f, 4], origin[1], h, ny)
-        k0, k1 = _cell_range(rec[f, 2], rec[f, 5], origin[2], h, nz)
-        bound += (i1 - i0 + 1) * (j1 - j0 + 1) * (k1 - k0 + 1)
     ncell = nx * ny * nz
-    cell_start = np.zeros(ncell + 1, dtype=np.int32)
-    if bound > cap:
-        return cell_start, np.empty(0, dtype=np.int32), bound
+    cell_start[:] = 0
     # one pass collecting (cell, triangle) pairs, then a counting sort by cell
-    pair_cell = np.empty(bound, dtype=np.int32)
-    pair_tri = np.empty(bound, dtype=np.int32)
     total = 0
     for f in range(F):
         i0, i1 = _cell_range(rec[f, 0], rec[f, 3], origin[0], h, nx)
@@ -344,7 +393,6 @@ def _fill_cells(rec, origin, h, nx, ny, nz, cap):
         cell_start[pair_cell[e] + 1] += 1
     for c in range(ncell):
         cell_start[c + 1] += cell_start[c]
-    cell_tris = np.empty(total, dtype=np.int32)
     for e in range(total):  # stable: each cell's list stays in (Morton) triangle order
         c = pair_cell[e]
         cell_tris[cell_start[c]] = pair_tri[e]
@@ -352,20 +400,26 @@ def _fill_cells(rec, origin, h, nx, ny, nz, cap):
     for c in range(ncell, 0, -1):  # undo the shift of the fill cursor
         cell_start[c] = cell_start[c - 1]
     cell_start[0] = 0
-    return cell_start, cell_tris, total
+    return total
 
 
 @njit(cache=True, nogil=True)
-def _build(verts, faces, cell_scale, cap):
-    """Whole build (see the module docstring): ``(origin, h, dims, cell_start, cell_tris, rec,
-    face_id)``."""
-    rec, mean_edge = _triangle_records(verts, faces)
-    F = rec.shape[0]
-    lo = np.empty(3)
-    hi = np.empty(3)
-    for d in range(3):
-        lo[d] = rec[:, d].min()
-        hi[d] = rec[:, 3 + d].max()
+def _grid_shape(verts, faces, cell_scale, cap):
+    """Build phase 1 (see the module docstring): ``(origin (3,), h, dims (3,), bound)``, where
+    ``bound`` is the number of cells covered by the triangles' bounding boxes (the size of the
+    fill buffers)."""
+    F = faces.shape[0]
+    lo = np.full(3, np.inf)
+    hi = np.full(3, -np.inf)
+    edge_sum = 0.0
+    for f in range(F):
+        for d in range(3):
+            a, b = _face_box(verts, faces, f, d)
+            lo[d] = min(lo[d], a)
+            hi[d] = max(hi[d], b)
+        edge_sum += (_dist3(verts, faces[f, 0], faces[f, 1]) + _dist3(verts, faces[f, 0], faces[f, 2])
+                     + _dist3(verts, faces[f, 1], faces[f, 2]))
+    mean_edge = edge_sum / (3.0 * F)
     size = max(hi[0] - lo[0], max(hi[1] - lo[1], hi[2] - lo[2]))
     dims = np.ones(3, dtype=np.int64)
     if size <= 0.0:  # every triangle collapsed onto one point: a single cell
@@ -379,21 +433,32 @@ def _build(verts, faces, cell_scale, cap):
             dims[d] = max(int(math.ceil((hi[d] - lo[d]) / h)), 1)
             ncell *= dims[d]
         if ncell <= cap:
-            # sort the triangles along the Morton curve of their centroid's cell
-            cen = np.empty((F, 3))
+            bound = 0
             for f in range(F):
+                cells = 1
                 for d in range(3):
-                    cen[f, d] = (rec[f, 10 + d] + rec[f, 13 + d] + rec[f, 16 + d]) / 3.0
-            face_id = _morton_order(cen, lo, h, dims[0], dims[1], dims[2], _morton_bits(dims))
-            srec = np.empty_like(rec)
-            for m in range(F):
-                fo = face_id[m]
-                for q in range(_REC):
-                    srec[m, q] = rec[fo, q]
-            cell_start, cell_tris, total = _fill_cells(srec, lo, h, dims[0], dims[1], dims[2], cap)
-            if total <= cap:
-                return lo, h, dims, cell_start, cell_tris, srec, face_id
+                    a, b = _face_box(verts, faces, f, d)
+                    i0, i1 = _cell_range(a, b, lo[d], h, dims[d])
+                    cells *= i1 - i0 + 1
+                bound += cells
+            if bound <= cap:
+                return lo, h, dims, bound
         h *= 1.5
+
+
+@njit(cache=True, nogil=True)
+def _build_into(verts, faces, origin, h, dims, rec, face_id, cen, keys, tmp, cell_start, pair_cell,
+                pair_tri, cell_tris):
+    """Build phase 2 into the caller's buffers: triangles in Morton order of their centroid's
+    cell (``face_id``), their records, the cell lists. Returns the number of cell entries."""
+    F = faces.shape[0]
+    for f in range(F):
+        for d in range(3):
+            cen[f, d] = (verts[faces[f, 0], d] + verts[faces[f, 1], d] + verts[faces[f, 2], d]) / 3.0
+    _morton_order(cen, origin, h, dims[0], dims[1], dims[2], _morton_bits(dims), keys, face_id, tmp)
+    for m in range(F):
+        _write_record(verts, faces, face_id[m], rec, m)
+    return _fill_cells(rec, origin, h, dims[0], dims[1], dims[2], cell_start, pair_cell, pair_tri, cell_tris)
 
 
 @njit(cache=True, nogil=True)
@@ -425,9 +490,12 @@ def _slab_d2(p, origin, h, i, n, other_d2):
 
 
 @njit(cache=True, nogil=True)
-def _visit_cell(px, py, pz, c, cell_start, cell_tris, rec, best, best_f):
+def _visit_cell(px, py, pz, c, cell_start, cell_tris, rec, best, best_f, stamp, qid):
     for e in range(cell_start[c], cell_start[c + 1]):
         f = cell_tris[e]
+        if stamp[f] == qid:  # already tested for this point (registered in an earlier cell)
+            continue
+        stamp[f] = qid
         if _lower_bound(px, py, pz, rec, f) >= best:  # cheap test first
             continue
         d = _point_triangle_d2(px, py, pz, rec, f)
@@ -438,11 +506,14 @@ def _visit_cell(px, py, pz, c, cell_start, cell_tris, rec, best, best_f):
 
 
 @njit(cache=True, nogil=True)
-def _query_one(px, py, pz, seed_f, nx, ny, nz, ox, oy, oz, h, cell_start, cell_tris, rec):
+def _query_one(px, py, pz, seed_f, nx, ny, nz, ox, oy, oz, h, cell_start, cell_tris, rec, stamp, qid, lbs):
     """Closest record of one point (see the module docstring): ``(row, dist_sq)``.
 
     ``seed_f`` (or -1) is tested first: the answer of the previous point in Morton order, whose
     distance is a tight initial upper bound that lets the search skip most cells and triangles.
+    ``stamp (F,)``: ``stamp[f] == qid`` marks a triangle already tested for this point (a
+    triangle is registered in several cells; testing it once halves the exact evaluations).
+    ``lbs``: scratch of at least the largest cell's triangle count.
     """
     ci = _clamped_cell(px, ox, h, nx)
     cj = _clamped_cell(py, oy, h, ny)
@@ -458,33 +529,46 @@ def _query_one(px, py, pz, seed_f, nx, ny, nz, ox, oy, oz, h, cell_start, cell_t
     if seed_f >= 0:
         best = _point_triangle_d2(px, py, pz, rec, seed_f)
         best_f = seed_f
-    # a good first guess: the triangle of the point's own cell with the smallest lower bound
+        stamp[seed_f] = qid
+    # the own cell (shell 0) first, its lower bounds kept in ``lbs``: the triangle with the
+    # smallest bound is the likely answer and is evaluated first (a tight upper bound early)
     c = (ci * ny + cj) * nz + ck
+    s0 = cell_start[c]
     lb_min = np.inf
     f_min = -1
-    for e in range(cell_start[c], cell_start[c + 1]):
+    for e in range(s0, cell_start[c + 1]):
         f = cell_tris[e]
         lb = _lower_bound(px, py, pz, rec, f)
+        lbs[e - s0] = lb
         if lb < lb_min:
             lb_min = lb
             f_min = f
     if f_min >= 0 and f_min != best_f and lb_min < best:
+        stamp[f_min] = qid
         d = _point_triangle_d2(px, py, pz, rec, f_min)
         if d < best:
             best = d
             best_f = f_min
-    for r in range(rmax + 1):
-        if r > 0:
-            # lower bound for every cell in shells >= r: such a cell is at offset >= r along
-            # some axis, and the axis distances grow with the offset from the (clamped) cell
-            lb = min(min(_slab_d2(px, ox, h, ci - r, nx, gy2 + gz2),
-                          _slab_d2(px, ox, h, ci + r, nx, gy2 + gz2)),
-                     min(min(_slab_d2(py, oy, h, cj - r, ny, gx2 + gz2),
-                             _slab_d2(py, oy, h, cj + r, ny, gx2 + gz2)),
-                         min(_slab_d2(pz, oz, h, ck - r, nz, gx2 + gy2),
-                             _slab_d2(pz, oz, h, ck + r, nz, gx2 + gy2))))
-            if lb >= best:
-                break
+    for e in range(s0, cell_start[c + 1]):
+        f = cell_tris[e]
+        if stamp[f] == qid or lbs[e - s0] >= best:
+            continue
+        stamp[f] = qid
+        d = _point_triangle_d2(px, py, pz, rec, f)
+        if d < best or (d == best and f < best_f):
+            best = d
+            best_f = f
+    for r in range(1, rmax + 1):
+        # lower bound for every cell in shells >= r: such a cell is at offset >= r along some
+        # axis, and the axis distances grow with the offset from the (clamped) cell
+        lb = min(min(_slab_d2(px, ox, h, ci - r, nx, gy2 + gz2),
+                      _slab_d2(px, ox, h, ci + r, nx, gy2 + gz2)),
+                 min(min(_slab_d2(py, oy, h, cj - r, ny, gx2 + gz2),
+                         _slab_d2(py, oy, h, cj + r, ny, gx2 + gz2)),
+                     min(_slab_d2(pz, oz, h, ck - r, nz, gx2 + gy2),
+                         _slab_d2(pz, oz, h, ck + r, nz, gx2 + gy2))))
+        if lb >= best:
+            break
         i0, i1 = max(ci - r, 0), min(ci + r, nx - 1)
         j0, j1 = max(cj - r, 0), min(cj + r, ny - 1)
         k0, k1 = max(ck - r, 0), min(ck + r, nz - 1)
@@ -513,16 +597,22 @@ def _query_one(px, py, pz, seed_f, nx, ny, nz, ox, oy, oz, h, cell_start, cell_t
                     dzk = _axis_dist(pz, oz, h, k)
                     if dxy2 + dzk * dzk >= best:
                         continue
-                    best, best_f = _visit_cell(px, py, pz, c, cell_start, cell_tris, rec, best, best_f)
+                    best, best_f = _visit_cell(px, py, pz, c, cell_start, cell_tris, rec, best, best_f,
+                                               stamp, qid)
     return best_f, best
 
 
 @njit(cache=True, nogil=True)
 def _query_range(points, order, start, stop, origin, h, dims, cell_start, cell_tris, rec, face_id,
-                 out_f, out_d2):
+                 out_f, out_d2, out_w, stamp, lbs):
     """Answer the points ``order[start:stop]`` (serial; the GIL is released, so Python threads
     run disjoint ranges in parallel). The seed restarts every ``_CHUNK`` points, so the result
-    does not depend on how the range is split (``start`` a multiple of ``_CHUNK``)."""
+    does not depend on how the points are split into ranges (``start`` a multiple of
+    ``_CHUNK``). ``out_w``: ``(P, 3)`` for the closest points' barycentric weights, or ``(0, 3)``
+    for none. ``stamp``: ``(F,)`` int64, zero at the start of the query and used by one thread
+    only (the ids ``m + 1`` are unique within a query); ``lbs``: scratch of the largest cell's
+    triangle count (:func:`_max_cell`)."""
+    with_bary = out_w.shape[0] > 0
     nx, ny, nz = dims[0], dims[1], dims[2]
     ox, oy, oz = origin[0], origin[1], origin[2]
     prev = -1
@@ -531,9 +621,20 @@ def _query_range(points, order, start, stop, origin, h, dims, cell_start, cell_t
             prev = -1
         n = order[m]
         prev, d2 = _query_one(points[n, 0], points[n, 1], points[n, 2], prev, nx, ny, nz,
-                              ox, oy, oz, h, cell_start, cell_tris, rec)
+                              ox, oy, oz, h, cell_start, cell_tris, rec, stamp, m + 1, lbs)
         out_f[n] = face_id[prev]
         out_d2[n] = d2
+        if with_bary:
+            _write_bary(points[n, 0], points[n, 1], points[n, 2], rec, prev, out_w, n)
+
+
+@njit(cache=True, nogil=True)
+def _max_cell(cell_start):
+    """Largest number of triangles registered in one cell."""
+    m = 0
+    for c in range(cell_start.shape[0] - 1):
+        m = max(m, cell_start[c + 1] - cell_start[c])
+    return m
 
 
 # ----------------------------------------------------------------------------- python API
@@ -561,6 +662,62 @@ def _as_mesh(verts: np.ndarray, faces: np.ndarray) -> Tuple[np.ndarray, np.ndarr
     return verts, faces
 
 
+class _Buffers:
+    """Work arrays kept from call to call, grown on demand (``headroom``: extra fraction on growth).
+
+    Fresh multi-megabyte numpy arrays are fresh pages: on the development VM a build with new
+    arrays took ~900 page faults, ~3 ms, more than the build itself. The internal path
+    (:func:`closest_faces_grid`, used by ``point_to_surface``) therefore reuses per-thread buffers
+    (a few MB per thread for the FLAME template); :func:`build_triangle_grid` returns a grid in
+    arrays of its own.
+    """
+
+    def __init__(self, headroom: float = 0.0):
+        self._arrays = {}
+        self._headroom = headroom
+
+    def get(self, name: str, shape: Tuple[int, ...], dtype) -> np.ndarray:
+        n = int(np.prod(shape))
+        dtype = np.dtype(dtype)
+        a = self._arrays.get(name)
+        if a is None or a.size < n or a.dtype != dtype:
+            a = np.empty(n + int(n * self._headroom), dtype=dtype)
+            self._arrays[name] = a
+        return a[:n].reshape(shape)
+
+
+class _ThreadBuffers(threading.local):
+    def __init__(self):
+        self.buffers = _Buffers(headroom=0.25)
+
+
+_TLS = _ThreadBuffers()
+
+
+def _check_cell_scale(cell_scale: float) -> None:
+    if not (cell_scale > 0 and math.isfinite(cell_scale)):
+        raise ValueError(f"cell_scale must be a positive number, got {cell_scale}")
+
+
+def _build(verts: np.ndarray, faces: np.ndarray, cell_scale: float, bufs: _Buffers) -> TriangleGrid:
+    """Build from validated float64 ``verts`` and int64 ``faces`` into ``bufs`` (the grid's
+    arrays are views of them, valid until the next build with the same buffers)."""
+    F = faces.shape[0]
+    if 64 * F >= 2**31 - 1:  # int32 CSR offsets
+        raise ValueError(f"mesh too large for the grid closest-face query (F = {F})")
+    origin, h, dims, bound = _grid_shape(verts, faces, float(cell_scale), max(64 * F, 4096))
+    ncell = int(np.prod(dims))
+    rec = bufs.get("rec", (F, _REC), np.float64)
+    face_id = bufs.get("face_id", (F,), np.int64)
+    cell_start = bufs.get("cell_start", (ncell + 1,), np.int32)
+    cell_tris = bufs.get("cell_tris", (bound,), np.int32)
+    total = _build_into(verts, faces, origin, h, dims, rec, face_id, bufs.get("cen", (F, 3), np.float64),
+                        bufs.get("keys", (F,), np.int64), bufs.get("tmp", (F,), np.int64), cell_start,
+                        bufs.get("pair_cell", (bound,), np.int32), bufs.get("pair_tri", (bound,), np.int32),
+                        cell_tris)
+    return TriangleGrid(origin, float(h), dims, cell_start, cell_tris[:total], rec, face_id)
+
+
 def build_triangle_grid(verts: np.ndarray, faces: np.ndarray, cell_scale: float = DEFAULT_CELL_SCALE) -> TriangleGrid:
     """Build the uniform grid over a mesh's triangles (see the module docstring).
 
@@ -569,24 +726,79 @@ def build_triangle_grid(verts: np.ndarray, faces: np.ndarray, cell_scale: float 
         faces: ``(F, 3)`` integer vertex indices, ``F >= 1``; degenerate faces allowed.
         cell_scale: cell edge length in units of the mean triangle edge length (> 0).
     Returns:
-        :class:`TriangleGrid`.
+        :class:`TriangleGrid` (arrays of its own).
     Raises:
         ValueError: bad shapes, empty mesh, out-of-range faces, NaN/inf vertices, no numba.
     """
     _require_numba()
-    if not (cell_scale > 0 and math.isfinite(cell_scale)):
-        raise ValueError(f"cell_scale must be a positive number, got {cell_scale}")
+    _check_cell_scale(cell_scale)
     verts, faces = _as_mesh(verts, faces)
-    F = faces.shape[0]
-    if 64 * F >= 2**31 - 1:  # int32 CSR offsets
-        raise ValueError(f"mesh too large for the grid closest-face query (F = {F})")
-    origin, h, dims, cell_start, cell_tris, rec, face_id = _build(verts, faces, float(cell_scale), max(64 * F, 4096))
-    return TriangleGrid(origin, float(h), dims, cell_start, cell_tris, rec, face_id)
+    return _build(verts, faces, cell_scale, _Buffers())
+
+
+def _as_points(points: np.ndarray) -> np.ndarray:
+    points = np.ascontiguousarray(np.asarray(points), dtype=np.float64)
+    if points.ndim != 2 or points.shape[1] != 3:
+        raise ValueError(f"points must be (P, 3), got shape {points.shape}")
+    if not np.isfinite(points).all():
+        raise ValueError("points contain NaN/inf")
+    return points
+
+
+def _query(grid: TriangleGrid, points: np.ndarray, num_threads: Optional[int], with_bary: bool):
+    """Query validated float64 ``points``; scratch in this thread's buffers."""
+    P = points.shape[0]
+    out_f = np.empty(P, dtype=np.int64)
+    out_d2 = np.empty(P, dtype=np.float64)
+    out_w = np.empty((P if with_bary else 0, 3), dtype=np.float64)
+    if P == 0:
+        return out_f, out_d2, out_w
+    n_threads = _default_threads() if num_threads is None else max(int(num_threads), 1)
+    bufs = _TLS.buffers
+    order = bufs.get("order", (P,), np.int64)
+    _morton_order(points, grid.origin, grid.h, int(grid.dims[0]), int(grid.dims[1]), int(grid.dims[2]),
+                  _morton_bits(grid.dims), bufs.get("keys", (P,), np.int64), order, bufs.get("tmp", (P,), np.int64))
+    args = (grid.origin, grid.h, grid.dims, grid.cell_start, grid.cell_tris, grid.rec, grid.face_id,
+            out_f, out_d2, out_w)
+    n_chunks = -(-P // _CHUNK)
+    n_threads = min(n_threads, n_chunks)
+    F = grid.rec.shape[0]
+    lbs_size = max(int(_max_cell(grid.cell_start)), 1)
+    scratch = []
+    for t in range(n_threads):
+        stamp = bufs.get(f"stamp{t}", (F,), np.int64)
+        stamp[:] = 0
+        scratch.append((stamp, bufs.get(f"lbs{t}", (lbs_size,), np.float64)))
+    if n_threads == 1:
+        _query_range(points, order, 0, P, *args, *scratch[0])
+        return out_f, out_d2, out_w
+    # Dynamic scheduling: ~8 tasks per thread (whole _CHUNKs), claimed in turn. A static split
+    # waited for the slowest thread, e.g. one sharing its core with torch's OpenMP workers
+    # still spinning after a backward pass (measured: ~5 ms of a ~20 ms query).
+    n_tasks = min(n_chunks, 8 * n_threads)
+    bounds = [min(P, (n_chunks * k // n_tasks) * _CHUNK) for k in range(n_tasks + 1)]
+    counter = itertools.count()
+    lock = threading.Lock()
+
+    def work(t: int) -> None:
+        while True:
+            with lock:
+                k = next(counter)
+            if k >= n_tasks:
+                return
+            _query_range(points, order, bounds[k], bounds[k + 1], *args, *scratch[t])
+
+    pool = _thread_pool(n_threads - 1)
+    futures = [pool.submit(work, t) for t in range(1, n_threads)]
+    work(0)  # the calling thread works too
+    for fut in futures:
+        fut.result()
+    return out_f, out_d2, out_w
 
 
 def query_triangle_grid(
-    grid: TriangleGrid, points: np.ndarray, num_threads: Optional[int] = None
-) -> Tuple[np.ndarray, np.ndarray]:
+    grid: TriangleGrid, points: np.ndarray, num_threads: Optional[int] = None, with_bary: bool = False
+):
     """Closest triangle of ``grid`` for every point, exact.
 
     Args:
@@ -594,39 +806,17 @@ def query_triangle_grid(
         points: ``(P, 3)`` query points (any float dtype; used as float64), same unit as the mesh.
         num_threads: threads for this call (default: ``torch.get_num_threads()``): the points are
             split into that many ranges, run by Python threads (the kernel releases the GIL).
+        with_bary: also return the barycentric weights of the closest points.
     Returns:
-        ``face_idx (P,)`` int64 and ``dist_sq (P,)`` float64 (unit^2).
+        ``face_idx (P,)`` int64 and ``dist_sq (P,)`` float64 (unit^2); with ``with_bary`` also
+        ``bary (P, 3)`` float64: weights of the vertices ``faces[face_idx]`` (in the face's
+        order), non-negative, summing to 1, of the closest point ON the triangle.
     Raises:
         ValueError: bad shape or NaN/inf points.
     """
     _require_numba()
-    points = np.ascontiguousarray(np.asarray(points), dtype=np.float64)
-    if points.ndim != 2 or points.shape[1] != 3:
-        raise ValueError(f"points must be (P, 3), got shape {points.shape}")
-    if not np.isfinite(points).all():
-        raise ValueError("points contain NaN/inf")
-    P = points.shape[0]
-    out_f = np.empty(P, dtype=np.int64)
-    out_d2 = np.empty(P, dtype=np.float64)
-    if P == 0:
-        return out_f, out_d2
-    n_threads = _default_threads() if num_threads is None else max(int(num_threads), 1)
-    order = _morton_order(points, grid.origin, grid.h, int(grid.dims[0]), int(grid.dims[1]),
-                          int(grid.dims[2]), _morton_bits(grid.dims))
-    args = (grid.origin, grid.h, grid.dims, grid.cell_start, grid.cell_tris, grid.rec, grid.face_id, out_f, out_d2)
-    n_chunks = -(-P // _CHUNK)
-    n_threads = min(n_threads, n_chunks)
-    if n_threads == 1:
-        _query_range(points, order, 0, P, *args)
-        return out_f, out_d2
-    # split at chunk boundaries; the calling thread runs the first range
-    bounds = [min(P, (n_chunks * t // n_threads) * _CHUNK) for t in range(n_threads + 1)]
-    pool = _thread_pool(n_threads - 1)
-    futures = [pool.submit(_query_range, points, order, bounds[t], bounds[t + 1], *args) for t in range(1, n_threads)]
-    _query_range(points, order, bounds[0], bounds[1], *args)
-    for fut in futures:
-        fut.result()
-    return out_f, out_d2
+    f, d2, w = _query(grid, _as_points(points), num_threads, with_bary)
+    return (f, d2, w) if with_bary else (f, d2)
 
 
 _POOL: Optional[ThreadPoolExecutor] = None
@@ -662,16 +852,25 @@ def closest_faces_grid(
     faces: np.ndarray,
     cell_scale: float = DEFAULT_CELL_SCALE,
     num_threads: Optional[int] = None,
-) -> Tuple[np.ndarray, np.ndarray]:
-    """Exact closest triangle for every point: build the grid, then query it.
+    with_bary: bool = False,
+):
+    """Exact closest triangle for every point: build the grid (in this thread's reused
+    buffers), then query it.
 
     Args:
         points: ``(P, 3)`` query points; verts: ``(N, 3)``; faces: ``(F, 3)`` integer (same unit, mm).
         cell_scale: grid cell size in mean edge lengths (see :func:`build_triangle_grid`).
         num_threads: threads for the query (default: ``torch.get_num_threads()``).
+        with_bary: also return the closest points' barycentric weights (see
+            :func:`query_triangle_grid`).
     Returns:
         ``face_idx (P,)`` int64, ``dist_sq (P,)`` float64 squared distance (mm^2) to the closest
-        point ON that triangle. Ties return one of the tied triangles.
+        point ON that triangle (and ``bary (P, 3)`` with ``with_bary``). Ties return one of the
+        tied triangles.
     """
-    grid = build_triangle_grid(verts, faces, cell_scale=cell_scale)
-    return query_triangle_grid(grid, points, num_threads=num_threads)
+    _require_numba()
+    _check_cell_scale(cell_scale)
+    verts, faces = _as_mesh(verts, faces)
+    points = _as_points(points)
+    f, d2, w = _query(_build(verts, faces, cell_scale, _TLS.buffers), points, num_threads, with_bary)
+    return (f, d2, w) if with_bary else (f, d2)

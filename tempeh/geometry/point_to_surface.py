@@ -167,6 +167,12 @@ def point_triangle_distance_sq(p: Tensor, a: Tensor, b: Tensor, c: Tensor) -> Te
     """
     with torch.no_grad():
         _, _, w = _point_triangle(p.detach(), a.detach(), b.detach(), c.detach(), with_bary=True)
+    return _envelope_d2(p, a, b, c, w)
+
+
+def _envelope_d2(p: Tensor, a: Tensor, b: Tensor, c: Tensor, w: Tensor) -> Tensor:
+    """``|p - (w0 a + w1 b + w2 c)|^2`` with the closest point's barycentrics ``w (..., 3)``
+    held constant (see :func:`point_triangle_distance_sq` for why its gradients are exact)."""
     diff = p - (w[..., 0:1] * a + w[..., 1:2] * b + w[..., 2:3] * c)
     return _dot(diff, diff)
 
@@ -264,16 +270,20 @@ def _numpy64(x: Tensor) -> np.ndarray:
     return x.numpy().astype(np.float64)
 
 
-def _closest_faces_grid(points: Tensor, verts: Tensor, faces: Tensor) -> Tensor:
-    from tempeh.geometry.closest_face import build_triangle_grid, query_triangle_grid
+def _closest_faces_grid(points: Tensor, verts: Tensor, faces: Tensor, with_bary: bool = False):
+    """``(face_idx (B, P) int64, bary (B, P, 3) float64 or None)`` from the numba grid."""
+    from tempeh.geometry.closest_face import closest_faces_grid
 
     f = faces.detach().cpu().numpy()
     n_threads = torch.get_num_threads()
-    out = []
+    idx, bary = [], []
     for p, v in zip(_numpy64(points), _numpy64(verts)):
-        grid = build_triangle_grid(v, f)
-        out.append(query_triangle_grid(grid, p, num_threads=n_threads)[0])
-    return torch.from_numpy(np.stack(out)).to(points.device)
+        res = closest_faces_grid(p, v, f, num_threads=n_threads, with_bary=with_bary)
+        idx.append(res[0])
+        if with_bary:
+            bary.append(res[2])
+    face_idx = torch.from_numpy(np.stack(idx)).to(points.device)
+    return face_idx, (torch.from_numpy(np.stack(bary)) if with_bary else None)
 
 
 def _closest_faces_igl(points: Tensor, verts: Tensor, faces: Tensor) -> Tensor:
@@ -316,6 +326,21 @@ def _closest_faces_kaolin(points: Tensor, verts: Tensor, faces: Tensor) -> Tenso
     return idx.long()
 
 
+def _closest(points: Tensor, verts: Tensor, faces: Tensor, backend: str, with_bary: bool):
+    """Validated query: ``(face_idx (B, P), bary (B, P, 3) float64 or None)``. Only the grid
+    backend returns barycentrics (computed with the face, at no extra search)."""
+    _check_inputs(points, verts, faces, "closest_faces")
+    faces = faces.long()
+    name = _resolve_backend(backend, points.device)
+    if name == "grid":
+        return _closest_faces_grid(points, verts, faces, with_bary)
+    if name == "igl":
+        return _closest_faces_igl(points, verts, faces), None
+    if name == "kaolin":
+        return _closest_faces_kaolin(points, verts, faces), None
+    return _closest_faces_torch(points, verts, faces), None
+
+
 def closest_faces(points: Tensor, verts: Tensor, faces: Tensor, backend: str = "auto") -> Tensor:
     """Index of the closest triangle for every point (non-differentiable query).
 
@@ -326,16 +351,7 @@ def closest_faces(points: Tensor, verts: Tensor, faces: Tensor, backend: str = "
         ``(B, P)`` int64 face indices on the device of ``points``. On ties (equidistant faces,
         e.g. a closest point on a shared edge) any of the tied faces may be returned.
     """
-    _check_inputs(points, verts, faces, "closest_faces")
-    faces = faces.long()
-    name = _resolve_backend(backend, points.device)
-    if name == "grid":
-        return _closest_faces_grid(points, verts, faces)
-    if name == "igl":
-        return _closest_faces_igl(points, verts, faces)
-    if name == "kaolin":
-        return _closest_faces_kaolin(points, verts, faces)
-    return _closest_faces_torch(points, verts, faces)
+    return _closest(points, verts, faces, backend, with_bary=False)[0]
 
 
 # ----------------------------------------------------------------------------- public API
@@ -372,9 +388,12 @@ def point_to_surface(
     Raises:
         ValueError: empty point set, NaN/inf coordinates, bad shapes or out-of-range faces.
     """
-    face_idx = closest_faces(points, verts, faces, backend=backend)
+    face_idx, bary = _closest(points, verts, faces, backend, with_bary=True)
     a, b, c = _gather_triangles(verts, faces.long(), face_idx)
-    d2 = point_triangle_distance_sq(points, a, b, c)
+    if bary is None:
+        d2 = point_triangle_distance_sq(points, a, b, c)
+    else:  # the grid's float64 weights of the closest point: the same envelope form, no search
+        d2 = _envelope_d2(points, a, b, c, bary.to(points.dtype))
     return (d2 if squared else safe_sqrt(d2)), face_idx
 
 
