@@ -19,7 +19,9 @@ Two steps:
    imports). CUDA inputs with a CPU backend are copied to the CPU for the query only.
 2. :func:`point_triangle_distance_sq` evaluates the exact squared distance to that triangle in
    torch, so gradients flow to the points and to the three vertices of the chosen face (exact
-   first derivatives via the envelope theorem, see its docstring).
+   first derivatives via the envelope theorem, see its docstring). The ``"grid"`` query also
+   returns the closest point's barycentric weights (float64), and ``point_to_surface`` then
+   uses them directly in the same envelope form instead of re-solving for them in torch.
 
 The distance is the unsigned Euclidean distance to the closest point ON the triangle (not its
 plane). Which of the 7 Voronoi regions holds the closest point (interior, one of 3 edges, one of
@@ -393,7 +395,7 @@ def point_to_surface(
     if bary is None:
         d2 = point_triangle_distance_sq(points, a, b, c)
     else:  # the grid's float64 weights of the closest point: the same envelope form, no search
-        d2 = _envelope_d2(points, a, b, c, bary.to(points.dtype))
+        d2 = _envelope_d2(points, a, b, c, bary.to(device=points.device, dtype=points.dtype))
     return (d2 if squared else safe_sqrt(d2)), face_idx
 
 
