@@ -64,24 +64,22 @@ Measured on the 2-core machine while it was shared with a training job (load ~3)
 within a few mm of the FLAME template (9976 faces) cost ~1.5 us of CPU per point (libigl:
 ~5.7), build ~2-4 ms.
 
-Why Python threads and not ``numba.prange``: numba's OpenMP threading layer kept its worker
-threads spinning after a parallel region, which made torch's CPU kernels in the same process up
-to 20x slower (measured: exact torch part 7 ms -> 230 ms); a plain thread pool has no such
-side effect and needs no global threading-layer setting.
+Threads: :mod:`tempeh.geometry._threads` (a plain Python pool, dynamically claimed ranges).
+``numba.prange`` was measured to slow torch's CPU kernels in the same process (exact torch part
+7 ms -> 230 ms: numba's OpenMP workers kept spinning).
 
 Units: whatever the inputs use (mm in tempeh); ``dist_sq`` is in unit^2.
 """
 from __future__ import annotations
 
-import itertools
 import logging
 import math
-import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
+
+from tempeh.geometry._threads import default_threads, run_ranges
 
 try:  # numba is a declared dependency; keep the module importable without it for clear errors
     from numba import njit
@@ -753,15 +751,14 @@ def _query(grid: TriangleGrid, points: np.ndarray, num_threads: Optional[int], w
     out_w = np.empty((P if with_bary else 0, 3), dtype=np.float64)
     if P == 0:
         return out_f, out_d2, out_w
-    n_threads = _default_threads() if num_threads is None else max(int(num_threads), 1)
+    n_threads = default_threads() if num_threads is None else max(int(num_threads), 1)
     bufs = _TLS.buffers
     order = bufs.get("order", (P,), np.int64)
     _morton_order(points, grid.origin, grid.h, int(grid.dims[0]), int(grid.dims[1]), int(grid.dims[2]),
                   _morton_bits(grid.dims), bufs.get("keys", (P,), np.int64), order, bufs.get("tmp", (P,), np.int64))
     args = (grid.origin, grid.h, grid.dims, grid.cell_start, grid.cell_tris, grid.rec, grid.face_id,
             out_f, out_d2, out_w)
-    n_chunks = -(-P // _CHUNK)
-    n_threads = min(n_threads, n_chunks)
+    n_threads = max(1, min(n_threads, -(-P // _CHUNK)))
     F = grid.rec.shape[0]
     lbs_size = max(int(_max_cell(grid.cell_start)), 1)
     scratch = []
@@ -769,30 +766,8 @@ def _query(grid: TriangleGrid, points: np.ndarray, num_threads: Optional[int], w
         stamp = bufs.get(f"stamp{t}", (F,), np.int64)
         stamp[:] = 0
         scratch.append((stamp, bufs.get(f"lbs{t}", (lbs_size,), np.float64)))
-    if n_threads == 1:
-        _query_range(points, order, 0, P, *args, *scratch[0])
-        return out_f, out_d2, out_w
-    # Dynamic scheduling: ~8 tasks per thread (whole _CHUNKs), claimed in turn. A static split
-    # waited for the slowest thread, e.g. one sharing its core with torch's OpenMP workers
-    # still spinning after a backward pass (measured: ~5 ms of a ~20 ms query).
-    n_tasks = min(n_chunks, 8 * n_threads)
-    bounds = [min(P, (n_chunks * k // n_tasks) * _CHUNK) for k in range(n_tasks + 1)]
-    counter = itertools.count()
-    lock = threading.Lock()
-
-    def work(t: int) -> None:
-        while True:
-            with lock:
-                k = next(counter)
-            if k >= n_tasks:
-                return
-            _query_range(points, order, bounds[k], bounds[k + 1], *args, *scratch[t])
-
-    pool = _thread_pool(n_threads - 1)
-    futures = [pool.submit(work, t) for t in range(1, n_threads)]
-    work(0)  # the calling thread works too
-    for fut in futures:
-        fut.result()
+    # ranges start at multiples of _CHUNK, so the seeds (and the result) do not depend on the split
+    run_ranges(lambda a, b, t: _query_range(points, order, a, b, *args, *scratch[t]), P, n_threads, align=_CHUNK)
     return out_f, out_d2, out_w
 
 
@@ -817,33 +792,6 @@ def query_triangle_grid(
     _require_numba()
     f, d2, w = _query(grid, _as_points(points), num_threads, with_bary)
     return (f, d2, w) if with_bary else (f, d2)
-
-
-_POOL: Optional[ThreadPoolExecutor] = None
-_POOL_KEY: Tuple[int, int] = (0, 0)
-_POOL_LOCK = threading.Lock()
-
-
-def _thread_pool(n_workers: int) -> ThreadPoolExecutor:
-    """A module-level pool of at least ``n_workers`` threads, recreated after a fork (the
-    threads do not survive it) or when more workers are needed (the old pool is left to other
-    callers that may still hold it; its idle threads cost nothing)."""
-    global _POOL, _POOL_KEY
-    with _POOL_LOCK:
-        pid = os.getpid()
-        if _POOL is None or _POOL_KEY[0] != pid or _POOL_KEY[1] < n_workers:
-            _POOL = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="tempeh-closest-face")
-            _POOL_KEY = (pid, n_workers)
-        return _POOL
-
-
-def _default_threads() -> int:
-    try:
-        import torch
-
-        return torch.get_num_threads()
-    except Exception:  # pragma: no cover
-        return os.cpu_count() or 1
 
 
 def closest_faces_grid(

@@ -14,10 +14,13 @@ A vertex ``X`` of mesh ``b`` is visible in view ``v`` when
 
 Backends (``backend=``):
 
-* ``"embree"``: Intel Embree through ``embreex`` (the engine behind ``trimesh.ray.has_embree``),
-  an occlusion query with a per-ray maximum distance, all rays of all views of one mesh in a
-  single call. CPU, float32 inside (vertices are centred first, so the precision is about
-  1e-7 of the mesh size plus camera distance, far below ``tol``).
+* ``"embree"``: Intel Embree (CPU, float32 inside; vertices are centred first, so the precision
+  is about 1e-7 of the mesh size plus camera distance, far below ``tol``): an occlusion query
+  with a per-ray maximum distance for all rays of all views of one mesh. Occlusion calls the
+  Embree 4 library bundled with ``embreex`` directly, on all torch threads
+  (:mod:`tempeh.geometry.embree_rays`; on the FLAME benchmark ~4x faster than embreex's API,
+  which holds the GIL); when that library cannot be loaded, and for first hits, it goes through
+  ``embreex`` (the engine behind ``trimesh.ray.has_embree``).
 * ``"torch"``: chunked brute-force Moller-Trumbore ray-triangle tests in torch on the device of
   the inputs (the GPU path; usable on CPU for testing, but O(rays x faces)).
 * ``"auto"``: ``"torch"`` for CUDA inputs, ``"embree"`` on CPU when available, else ``"torch"``
@@ -103,6 +106,19 @@ class _EmbreeMesh:
         face = np.asarray(out["primID"], dtype=np.int64)
         dist = np.where(face >= 0, np.asarray(out["tfar"], dtype=np.float64), np.inf)
         return dist, np.where(face >= 0, face, -1)
+
+
+def _occluder(verts: np.ndarray, faces: np.ndarray):
+    """An occlusion-query scene: Embree called directly (multi-threaded, :mod:`embree_rays`) when
+    its library loads, else embreex's API."""
+    from tempeh.geometry import embree_rays
+
+    if _DIRECT_EMBREE and embree_rays.available():
+        return embree_rays.EmbreeOccluder(verts, faces)
+    return _EmbreeMesh(verts, faces)
+
+
+_DIRECT_EMBREE = True  # tests switch it off to check the embreex path
 
 
 # ----------------------------------------------------------------------------- torch brute force
@@ -219,7 +235,7 @@ def occluded_segments(
         if not bool(live.any()):
             return out
         if name == "embree":
-            mesh = _EmbreeMesh(verts.detach().cpu().double().numpy(), faces.detach().cpu().numpy())
+            mesh = _occluder(verts.detach().cpu().double().numpy(), faces.detach().cpu().numpy())
             occ = mesh.occluded(
                 origins[live].cpu().double().numpy(), d[live].cpu().double().numpy(), max_dist[live].cpu().double().numpy()
             )
@@ -254,7 +270,6 @@ def visibility(
     B, N, _ = verts.shape
     if len(cameras.batch_shape) != 2 or cameras.batch_shape[0] != B:
         raise ValueError(f"visibility: cameras must have batch shape (B={B}, V), got {cameras.batch_shape}")
-    V = cameras.batch_shape[1]
     name = _resolve_backend(backend, verts.device)
     faces = faces.long().to(verts.device)
     with torch.no_grad():
