@@ -158,15 +158,18 @@ def _segment_td2(qx, qy, qz, ex, ey, ez, inv_ee):
 
 
 @njit(cache=True, nogil=True)
-def _point_triangle_d2(px, py, pz, rec, f):
-    """Exact squared distance from p to the triangle of record ``rec[f]`` (see :class:`TriangleGrid`).
+def _candidates(px, py, pz, rec, f):
+    """The 4 candidates for the closest point of triangle ``rec[f]`` (see :class:`TriangleGrid`)
+    to p, without branches (no mispredicted Voronoi-region branches):
 
-    The minimum of 4 candidates, branch-free (no mispredicted Voronoi-region branches): the
-    squared distance to the plane when the projection of p falls inside the triangle (signs of
-    the 3 sub-triangle areas), and the squared distances to the 3 closed edges (whose clamped
-    parameters reach the vertex regions). Where regions meet the candidates agree. Degenerate
-    triangles (``|n| = 0`` in the record) have only the 3 edge candidates. Records are indexed in
-    place: a row view would cost reference-count updates per call.
+    * ``d_in``: the squared plane distance when p's projection falls inside the triangle (signs
+      of the 3 sub-triangle areas ``wa, wb, wc``, twice the areas along the unit normal, which
+      divided by ``nlen`` are its barycentrics), else ``inf``; degenerate triangles
+      (``nlen = 0`` in the record) have no interior candidate;
+    * ``(t, d)`` for the closed edges ab, ac, bc (clamped parameters reach the vertex regions).
+
+    Where regions meet the candidates agree. Records are indexed in place: a row view would
+    cost reference-count updates per call.
     """
     ax, ay, az = rec[f, 10], rec[f, 11], rec[f, 12]
     bx, by, bz = rec[f, 13], rec[f, 14], rec[f, 15]
@@ -175,15 +178,22 @@ def _point_triangle_d2(px, py, pz, rec, f):
     acx, acy, acz = rec[f, 16] - ax, rec[f, 17] - ay, rec[f, 18] - az
     apx, apy, apz = px - ax, py - ay, pz - az
     bpx, bpy, bpz = px - bx, py - by, pz - bz
-    # twice the signed areas of the sub-triangles (p's projection, edge) along the unit normal
     wc = (aby * apz - abz * apy) * nx + (abz * apx - abx * apz) * ny + (abx * apy - aby * apx) * nz
     wb = (apy * acz - apz * acy) * nx + (apz * acx - apx * acz) * ny + (apx * acy - apy * acx) * nz
     wa = nlen - wb - wc
     h = apx * nx + apy * ny + apz * nz
     d_in = h * h if (wa >= 0.0) & (wb >= 0.0) & (wc >= 0.0) & (nlen > 0.0) else np.inf
-    d_ab = _segment_td2(apx, apy, apz, abx, aby, abz, rec[f, 20])[1]
-    d_ac = _segment_td2(apx, apy, apz, acx, acy, acz, rec[f, 21])[1]
-    d_bc = _segment_td2(bpx, bpy, bpz, rec[f, 16] - bx, rec[f, 17] - by, rec[f, 18] - bz, rec[f, 22])[1]
+    t_ab, d_ab = _segment_td2(apx, apy, apz, abx, aby, abz, rec[f, 20])
+    t_ac, d_ac = _segment_td2(apx, apy, apz, acx, acy, acz, rec[f, 21])
+    t_bc, d_bc = _segment_td2(bpx, bpy, bpz, rec[f, 16] - bx, rec[f, 17] - by, rec[f, 18] - bz, rec[f, 22])
+    return d_in, wa, wb, wc, nlen, t_ab, d_ab, t_ac, d_ac, t_bc, d_bc
+
+
+@njit(cache=True, nogil=True)
+def _point_triangle_d2(px, py, pz, rec, f):
+    """Exact squared distance from p to the triangle of record ``rec[f]``: the smallest of the
+    4 candidates of :func:`_candidates`."""
+    d_in, _, _, _, _, _, d_ab, _, d_ac, _, d_bc = _candidates(px, py, pz, rec, f)
     return min(min(d_in, d_ab), min(d_ac, d_bc))
 
 
@@ -191,33 +201,19 @@ def _point_triangle_d2(px, py, pz, rec, f):
 def _write_bary(px, py, pz, rec, f, out_w, n):
     """Write to ``out_w[n]`` the barycentric weights (of the record's vertices a, b, c, i.e. the
     face's vertices in order) of the closest point of triangle ``rec[f]`` to p: the winner of
-    the same 4 candidates as :func:`_point_triangle_d2` (interior, edges ab, ac, bc)."""
-    ax, ay, az = rec[f, 10], rec[f, 11], rec[f, 12]
-    bx, by, bz = rec[f, 13], rec[f, 14], rec[f, 15]
-    nx, ny, nz, nlen = rec[f, 6], rec[f, 7], rec[f, 8], rec[f, 19]
-    abx, aby, abz = bx - ax, by - ay, bz - az
-    acx, acy, acz = rec[f, 16] - ax, rec[f, 17] - ay, rec[f, 18] - az
-    apx, apy, apz = px - ax, py - ay, pz - az
-    bpx, bpy, bpz = px - bx, py - by, pz - bz
-    wc = (aby * apz - abz * apy) * nx + (abz * apx - abx * apz) * ny + (abx * apy - aby * apx) * nz
-    wb = (apy * acz - apz * acy) * nx + (apz * acx - apx * acz) * ny + (apx * acy - apy * acx) * nz
-    wa = nlen - wb - wc
-    best = np.inf
-    if (wa >= 0.0) & (wb >= 0.0) & (wc >= 0.0) & (nlen > 0.0):
-        h = apx * nx + apy * ny + apz * nz
-        best = h * h
+    the candidates of :func:`_candidates` (interior, edges ab, ac, bc)."""
+    d_in, wa, wb, wc, nlen, t_ab, d_ab, t_ac, d_ac, t_bc, d_bc = _candidates(px, py, pz, rec, f)
+    best = d_in
+    if d_in < np.inf:  # finite only inside a non-degenerate triangle
         out_w[n, 0], out_w[n, 1], out_w[n, 2] = wa / nlen, wb / nlen, wc / nlen
-    t, d = _segment_td2(apx, apy, apz, abx, aby, abz, rec[f, 20])
-    if d < best:
-        best = d
-        out_w[n, 0], out_w[n, 1], out_w[n, 2] = 1.0 - t, t, 0.0
-    t, d = _segment_td2(apx, apy, apz, acx, acy, acz, rec[f, 21])
-    if d < best:
-        best = d
-        out_w[n, 0], out_w[n, 1], out_w[n, 2] = 1.0 - t, 0.0, t
-    t, d = _segment_td2(bpx, bpy, bpz, rec[f, 16] - bx, rec[f, 17] - by, rec[f, 18] - bz, rec[f, 22])
-    if d < best:
-        out_w[n, 0], out_w[n, 1], out_w[n, 2] = 0.0, 1.0 - t, t
+    if d_ab < best:
+        best = d_ab
+        out_w[n, 0], out_w[n, 1], out_w[n, 2] = 1.0 - t_ab, t_ab, 0.0
+    if d_ac < best:
+        best = d_ac
+        out_w[n, 0], out_w[n, 1], out_w[n, 2] = 1.0 - t_ac, 0.0, t_ac
+    if d_bc < best:
+        out_w[n, 0], out_w[n, 1], out_w[n, 2] = 0.0, 1.0 - t_bc, t_bc
 
 
 @njit(cache=True, nogil=True)
