@@ -142,3 +142,34 @@ def test_prior_chunked_equals_naive_with_gradients():
     np.testing.assert_allclose(outs[0][0].numpy(), ref.numpy(), atol=1e-10)
     for a, b in zip(outs[0], outs[1]):
         np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-10)
+
+
+@pytest.mark.parametrize("with_prior", [False, True])
+def test_fused_head_equals_naive_outputs_and_gradients(with_prior):
+    """The fused attention head (default in CoarseModel) against the explicit all-logits head,
+    float64, incl. the log-prior; also with fewer than 3 channels (queries/keys padded)."""
+    for C in (5, 1):
+        B, N, D = 2, 7, 4
+        g = torch.Generator().manual_seed(C)
+        naive = SoftArgmaxHead(C, N, naive=True).double()
+        fused = SoftArgmaxHead(C, N, fused=True).double()
+        with torch.no_grad():
+            naive.bias.copy_(torch.randn(N, generator=g, dtype=torch.float64))
+        fused.load_state_dict(naive.state_dict())
+        feats = torch.randn(B, C, D, D, D, generator=g, dtype=torch.float64)
+        coords = torch.randn(B, D, D, D, 3, generator=g, dtype=torch.float64) * 50
+        prior = (torch.randn(N, 4, generator=g, dtype=torch.float64),
+                 torch.randn(4, D ** 3, generator=g, dtype=torch.float64)) if with_prior else (None, None)
+        outs, grads = [], []
+        for head in (naive, fused):
+            f = feats.clone().requires_grad_(True)
+            x = coords.clone().requires_grad_(True)
+            out = head(f, x, *prior)
+            (out * torch.linspace(-1, 1, 3, dtype=torch.float64)).sum().backward()
+            outs.append(out.detach())
+            grads.append((f.grad, x.grad, head.weight.grad))
+        np.testing.assert_allclose(outs[1].numpy(), outs[0].numpy(), atol=1e-10)
+        for a, b in zip(grads[0], grads[1]):
+            np.testing.assert_allclose(b.numpy(), a.numpy(), atol=1e-10)
+    with pytest.raises(ValueError, match="exclude"):
+        SoftArgmaxHead(3, 2, naive=True, fused=True)

@@ -1,10 +1,11 @@
 """Coarse-stage benchmark at paper scale (not a test).
 
 Configurations: 16 views of 200x150 (1/8 of 1600x1200), d_c = 32, 5023 vertices, ResNet34
-feature net, 5-level U-Net, random weights; batch 1 and 2; three soft-argmax heads with the same
+feature net, 5-level U-Net, random weights; batch 1 and 2; four soft-argmax heads with the same
 parameters (see :mod:`tempeh.bench.reference_arch`):
 
-* ``efficient``: our head (chunks of vertices, each checkpointed in training);
+* ``efficient``: our default head (one fused attention call);
+* ``chunked``: our earlier default (chunks of vertices, each checkpointed in training);
 * ``matmul``: all ``(B, N, 32^3)`` logits at once, expectation by a batched matmul;
 * ``reference``: the reference TEMPEH formulation (softmax, grid repeated per vertex to
   ``(B, N, 3, 32^3)``, product, sum): the "naive head" the memory target is measured against.
@@ -105,7 +106,8 @@ def _child(spec: Dict) -> Dict:
     reps = int(spec.get("reps", 1))
     res: Dict = dict(spec, threads=torch.get_num_threads())
     if spec["what"] == "head":
-        head = SoftArgmaxHead(128, N, chunk_size=spec["chunk"], naive=mode == "matmul").to(dev)
+        head = SoftArgmaxHead(128, N, chunk_size=spec["chunk"], naive=mode == "matmul",
+                              fused=mode == "efficient").to(dev)
         if mode == "reference":
             head = ReferenceStyleHead(head)
         D = spec["D"]

@@ -9,7 +9,8 @@ a sum over the grid. Numerically it equals :func:`tempeh.models.soft_argmax.soft
 
 Head modes of the benchmark (``HEAD_MODES``):
 
-* ``efficient``: our default head (chunks of vertices, each checkpointed in training);
+* ``efficient``: our default head (one fused attention call, ``SoftArgmaxHead(fused=True)``);
+* ``chunked``: our earlier default (chunks of vertices, each checkpointed in training);
 * ``matmul``: all logits at once, expectation by a batched matmul (``SoftArgmaxHead(naive=True)``);
 * ``reference``: the reference formulation above (:class:`ReferenceStyleHead`).
 """
@@ -22,7 +23,7 @@ from torch import Tensor
 __all__ = ["HEAD_MODES", "REFERENCE_DOCUMENTED", "reference_style_soft_argmax", "ReferenceStyleHead",
            "set_head_mode"]
 
-HEAD_MODES = ("efficient", "matmul", "reference")
+HEAD_MODES = ("efficient", "chunked", "matmul", "reference")
 
 # The reference TEMPEH networks timed on the 2-core development CPU at paper scale with random
 # weights (DESIGN.md section 6; 16 views, 5023 vertices; wall time, peak memory). NOT measured by
@@ -64,10 +65,11 @@ class ReferenceStyleHead(nn.Module):
 
 def set_head_mode(model: nn.Module, mode: str) -> nn.Module:
     """Switch ``model.head`` (a CoarseModel's SoftArgmaxHead) to ``mode`` in ``HEAD_MODES``;
-    returns ``model``. The parameters are shared, so the three modes give the same output."""
+    returns ``model``. The parameters are shared, so all modes give the same output."""
     if mode not in HEAD_MODES:
         raise ValueError(f"head mode {mode!r}: expected one of {HEAD_MODES}")
     head = model.head.inner if isinstance(model.head, ReferenceStyleHead) else model.head
     head.naive = mode == "matmul"
+    head.fused = mode == "efficient"
     model.head = ReferenceStyleHead(head) if mode == "reference" else head
     return model

@@ -81,10 +81,15 @@ class CoarseConfig(FeatureNetConfig):
     """Norm of the U-Net blocks: bn | in | gn | none."""
     unet_bottleneck_norm: Optional[str] = "gn"
     """Norm at the U-Net's deepest resolution (GroupNorm works at batch 1; None = unet_norm)."""
+    head_fused: bool = True
+    """Run the soft-argmax head as one fused attention call (``scaled_dot_product_attention``:
+    nothing of size N x D^3 is stored, forward or backward; see :mod:`tempeh.models.soft_argmax`).
+    False: the chunked head below. ``head_naive`` overrides both."""
     head_chunk_size: int = 256
-    """Vertices per chunk of the soft-argmax head (256 x 32^3 floats = 32 MiB per buffer)."""
+    """Vertices per chunk of the chunked head (``head_fused: false``; 256 x 32^3 floats = 32 MiB
+    per buffer)."""
     head_checkpoint: bool = True
-    """Checkpoint each head chunk in training (memory does not grow with N x D^3)."""
+    """Checkpoint each chunk of the chunked head in training (memory does not grow with N x D^3)."""
     head_naive: bool = False
     """Compute all (B, N, D^3) logits at once (reference behaviour, benchmarks only)."""
     template_prior_sigma_mm: float = 0.0
@@ -165,7 +170,8 @@ class CoarseModel(nn.Module):
                            bottleneck_norm=cfg.unet_bottleneck_norm,
                            back_widths=cfg.unet_back_widths)
         self.head = SoftArgmaxHead(self.unet.out_features, cfg.num_verts, cfg.head_chunk_size,
-                                   checkpoint=cfg.head_checkpoint, naive=cfg.head_naive)
+                                   checkpoint=cfg.head_checkpoint, naive=cfg.head_naive,
+                                   fused=cfg.head_fused and not cfg.head_naive)
         self.register_buffer("prior_weight", None, persistent=False)
         self.register_buffer("prior_feats", None, persistent=False)
         self.register_buffer("prior_means_mm", None, persistent=False)
