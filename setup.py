@@ -30,7 +30,7 @@ setup(
         "numpy>=1.24",
         "scipy>=1.10",
         "trimesh>=4.0",
-        "embreex>=2.17; platform_machine=='x86_64'",
+        "embreex>=4.4; platform_machine=='x86_64'",  # bundles Embree 4 (tempeh.geometry.embree_rays)
         "libigl>=2.5",
         "numba>=0.59",
         "opencv-python-headless>=4.8",
