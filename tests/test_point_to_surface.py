@@ -197,6 +197,14 @@ def test_point_to_surface_gradcheck_mesh(backend):
     fn = lambda p, vv: point_to_surface(p, vv, _t(f), backend=backend)[0]
     assert torch.autograd.gradcheck(fn, (P, V), fast_mode=True)
     assert torch.autograd.gradcheck(fn, (P, V), fast_mode=False)
+    # the same gradients as differentiating the torch point-triangle distance (float64)
+    grads = []
+    for be in (backend, "torch"):
+        p, vv = P.detach().clone().requires_grad_(True), V.detach().clone().requires_grad_(True)
+        (point_to_surface(p, vv, _t(f), backend=be)[0] * torch.linspace(0.5, 2.0, 5, dtype=torch.float64)).sum().backward()
+        grads.append((p.grad, vv.grad))
+    for a, b in zip(*grads):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-10)
     # the igl query picks the same faces (up to ties), so it yields the same distances
     d_igl, _ = point_to_surface(P, V, _t(f), backend="igl")
     np.testing.assert_allclose(d_igl.detach().numpy(), fn(P, V).detach().numpy(), atol=1e-12)

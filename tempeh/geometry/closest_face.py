@@ -101,6 +101,7 @@ __all__ = [
     "build_triangle_grid",
     "query_triangle_grid",
     "closest_faces_grid",
+    "closest_points_grid",
     "DEFAULT_CELL_SCALE",
     "NUMBA_AVAILABLE",
 ]
@@ -198,10 +199,11 @@ def _point_triangle_d2(px, py, pz, rec, f):
 
 
 @njit(cache=True, nogil=True)
-def _write_bary(px, py, pz, rec, f, out_w, n):
+def _write_bary(px, py, pz, rec, f, out_w, out_diff, n):
     """Write to ``out_w[n]`` the barycentric weights (of the record's vertices a, b, c, i.e. the
     face's vertices in order) of the closest point of triangle ``rec[f]`` to p: the winner of
-    the candidates of :func:`_candidates` (interior, edges ab, ac, bc)."""
+    the candidates of :func:`_candidates` (interior, edges ab, ac, bc); and, when ``out_diff``
+    has rows, ``p - q`` for that closest point ``q`` to ``out_diff[n]``."""
     d_in, wa, wb, wc, nlen, t_ab, d_ab, t_ac, d_ac, t_bc, d_bc = _candidates(px, py, pz, rec, f)
     best = d_in
     if d_in < np.inf:  # finite only inside a non-degenerate triangle
@@ -214,6 +216,11 @@ def _write_bary(px, py, pz, rec, f, out_w, n):
         out_w[n, 0], out_w[n, 1], out_w[n, 2] = 1.0 - t_ac, 0.0, t_ac
     if d_bc < best:
         out_w[n, 0], out_w[n, 1], out_w[n, 2] = 0.0, 1.0 - t_bc, t_bc
+    if out_diff.shape[0] > 0:
+        w0, w1, w2 = out_w[n, 0], out_w[n, 1], out_w[n, 2]
+        out_diff[n, 0] = px - (w0 * rec[f, 10] + w1 * rec[f, 13] + w2 * rec[f, 16])
+        out_diff[n, 1] = py - (w0 * rec[f, 11] + w1 * rec[f, 14] + w2 * rec[f, 17])
+        out_diff[n, 2] = pz - (w0 * rec[f, 12] + w1 * rec[f, 15] + w2 * rec[f, 18])
 
 
 @njit(cache=True, nogil=True)
@@ -598,11 +605,12 @@ def _query_one(px, py, pz, seed_f, nx, ny, nz, ox, oy, oz, h, cell_start, cell_t
 
 @njit(cache=True, nogil=True)
 def _query_range(points, order, start, stop, origin, h, dims, cell_start, cell_tris, rec, face_id,
-                 out_f, out_d2, out_w, stamp, lbs):
+                 out_f, out_d2, out_w, out_diff, stamp, lbs):
     """Answer the points ``order[start:stop]`` (serial; the GIL is released, so Python threads
     run disjoint ranges in parallel). The seed restarts every ``_CHUNK`` points, so the result
     does not depend on how the points are split into ranges (``start`` a multiple of
-    ``_CHUNK``). ``out_w``: ``(P, 3)`` for the closest points' barycentric weights, or ``(0, 3)``
+    ``_CHUNK``). ``out_w``, ``out_diff``: ``(P, 3)`` for the closest points' barycentric weights
+    and ``p - q``, or ``(0, 3)``
     for none. ``stamp``: ``(F,)`` int64, zero at the start of the query and used by one thread
     only (the ids ``m + 1`` are unique within a query); ``lbs``: scratch of the largest cell's
     triangle count (:func:`_max_cell`)."""
@@ -619,7 +627,7 @@ def _query_range(points, order, start, stop, origin, h, dims, cell_start, cell_t
         out_f[n] = face_id[prev]
         out_d2[n] = d2
         if with_bary:
-            _write_bary(points[n, 0], points[n, 1], points[n, 2], rec, prev, out_w, n)
+            _write_bary(points[n, 0], points[n, 1], points[n, 2], rec, prev, out_w, out_diff, n)
 
 
 @njit(cache=True, nogil=True)
@@ -739,21 +747,26 @@ def _as_points(points: np.ndarray) -> np.ndarray:
     return points
 
 
-def _query(grid: TriangleGrid, points: np.ndarray, num_threads: Optional[int], with_bary: bool):
-    """Query validated float64 ``points``; scratch in this thread's buffers."""
+def _query(grid: TriangleGrid, points: np.ndarray, num_threads: Optional[int], with_bary: bool,
+           with_diff: bool = False):
+    """Query validated float64 ``points``; scratch in this thread's buffers. Returns
+    ``(face_idx, dist_sq, bary, diff)``; ``bary``/``diff`` (``p - closest point``) have 0 rows
+    unless asked for (``with_diff`` implies the barycentrics)."""
     P = points.shape[0]
+    with_bary = with_bary or with_diff
     out_f = np.empty(P, dtype=np.int64)
     out_d2 = np.empty(P, dtype=np.float64)
     out_w = np.empty((P if with_bary else 0, 3), dtype=np.float64)
+    out_diff = np.empty((P if with_diff else 0, 3), dtype=np.float64)
     if P == 0:
-        return out_f, out_d2, out_w
+        return out_f, out_d2, out_w, out_diff
     n_threads = default_threads() if num_threads is None else max(int(num_threads), 1)
     bufs = _TLS.buffers
     order = bufs.get("order", (P,), np.int64)
     _morton_order(points, grid.origin, grid.h, int(grid.dims[0]), int(grid.dims[1]), int(grid.dims[2]),
                   _morton_bits(grid.dims), bufs.get("keys", (P,), np.int64), order, bufs.get("tmp", (P,), np.int64))
     args = (grid.origin, grid.h, grid.dims, grid.cell_start, grid.cell_tris, grid.rec, grid.face_id,
-            out_f, out_d2, out_w)
+            out_f, out_d2, out_w, out_diff)
     n_threads = max(1, min(n_threads, -(-P // _CHUNK)))
     F = grid.rec.shape[0]
     lbs_size = max(int(_max_cell(grid.cell_start)), 1)
@@ -764,7 +777,7 @@ def _query(grid: TriangleGrid, points: np.ndarray, num_threads: Optional[int], w
         scratch.append((stamp, bufs.get(f"lbs{t}", (lbs_size,), np.float64)))
     # ranges start at multiples of _CHUNK, so the seeds (and the result) do not depend on the split
     run_ranges(lambda a, b, t: _query_range(points, order, a, b, *args, *scratch[t]), P, n_threads, align=_CHUNK)
-    return out_f, out_d2, out_w
+    return out_f, out_d2, out_w, out_diff
 
 
 def query_triangle_grid(
@@ -786,7 +799,7 @@ def query_triangle_grid(
         ValueError: bad shape or NaN/inf points.
     """
     _require_numba()
-    f, d2, w = _query(grid, _as_points(points), num_threads, with_bary)
+    f, d2, w, _ = _query(grid, _as_points(points), num_threads, with_bary)
     return (f, d2, w) if with_bary else (f, d2)
 
 
@@ -816,5 +829,19 @@ def closest_faces_grid(
     _check_cell_scale(cell_scale)
     verts, faces = _as_mesh(verts, faces)
     points = _as_points(points)
-    f, d2, w = _query(_build(verts, faces, cell_scale, _TLS.buffers), points, num_threads, with_bary)
+    f, d2, w, _ = _query(_build(verts, faces, cell_scale, _TLS.buffers), points, num_threads, with_bary)
     return (f, d2, w) if with_bary else (f, d2)
+
+
+def closest_points_grid(points: np.ndarray, verts: np.ndarray, faces: np.ndarray,
+                        num_threads: Optional[int] = None):
+    """Like :func:`closest_faces_grid` with ``with_bary``, plus ``diff (P, 3) = p - q`` for the
+    closest point ``q`` on the surface (float64): what ``point_to_surface`` differentiates with.
+
+    Returns:
+        ``face_idx (P,)``, ``dist_sq (P,)``, ``bary (P, 3)``, ``diff (P, 3)``.
+    """
+    _require_numba()
+    verts, faces = _as_mesh(verts, faces)
+    points = _as_points(points)
+    return _query(_build(verts, faces, DEFAULT_CELL_SCALE, _TLS.buffers), points, num_threads, True, True)
