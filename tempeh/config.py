@@ -402,6 +402,8 @@ def _sub_layers(layers: Sequence[Layer], key: str, prefix: str) -> List[Layer]:
 #: have an effect: loading warns and ignores them, so old runs stay loadable.
 RETIRED_KEYS: Dict[str, str] = {
     "model.localizer_lr_scale": "training always used optim.localizer_lr",
+    "model.head_naive": "replaced by model.head_mode (naive | chunked | fused; same results)",
+    "model.head_fused": "replaced by model.head_mode (naive | chunked | fused; same results)",
 }
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tempeh.bench import runner
-from tempeh.bench.reference_arch import (HEAD_MODES, REFERENCE_DOCUMENTED, ReferenceStyleHead,
+from tempeh.bench.reference_arch import (HEAD_IMPL, HEAD_MODES, REFERENCE_DOCUMENTED, ReferenceStyleHead,
                                          reference_style_soft_argmax, set_head_mode)
 from tempeh.models.soft_argmax import SoftArgmaxHead, soft_argmax
 
@@ -164,7 +164,7 @@ def test_reference_style_head_equals_ours():
                           soft_argmax(logits, coords.reshape(B, -1, 3)), atol=1e-10)
     outs, grads = [], []
     for mode in HEAD_MODES:
-        head.naive = mode == "matmul"
+        head.mode = HEAD_IMPL[mode]
         h = ReferenceStyleHead(head) if mode == "reference" else head
         y = h(feats, coords)
         g = torch.autograd.grad(y.square().sum(), (feats, coords, head.weight))

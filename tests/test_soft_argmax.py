@@ -53,10 +53,10 @@ def test_chunked_equals_naive_outputs_and_gradients(checkpoint):
     B, C, D, N = 2, 5, 3, 11  # distinct sizes; 11 vertices in chunks of 4 (last chunk partial)
     feats = torch.randn(B, C, D, D, D, generator=g, dtype=torch.float64)
     coords = torch.randn(B, D, D, D, 3, generator=g, dtype=torch.float64) * 30
-    naive = SoftArgmaxHead(C, N, naive=True).double()
+    naive = SoftArgmaxHead(C, N, mode="naive").double()
     with torch.no_grad():
         naive.bias.copy_(torch.randn(N, generator=g, dtype=torch.float64))
-    chunked = SoftArgmaxHead(C, N, chunk_size=4, checkpoint=checkpoint).double()
+    chunked = SoftArgmaxHead(C, N, chunk_size=4, checkpoint=checkpoint, mode="chunked").double()
     chunked.load_state_dict(naive.state_dict())
     ref = _run(naive, feats, coords)
     got = _run(chunked, feats, coords)
@@ -71,7 +71,7 @@ def test_chunked_equals_naive_outputs_and_gradients(checkpoint):
 
 
 def test_head_eval_without_grad_and_shape_errors():
-    head = SoftArgmaxHead(4, 9, chunk_size=2)
+    head = SoftArgmaxHead(4, 9, chunk_size=2, mode="chunked")
     feats = torch.randn(1, 4, 2, 2, 2)
     coords = torch.randn(1, 2, 2, 2, 3)
     with torch.no_grad():
@@ -100,7 +100,7 @@ def test_gaussian_log_prior_equals_naive_density_and_centres_uniform_logits():
     np.testing.assert_allclose(diff[:, 0].numpy(), ((means ** 2).sum(-1) / (2 * sigma ** 2)).numpy(),
                                atol=1e-10)
     # a head with zero weights then returns the prior means (grid coordinates = u * spacing)
-    head = SoftArgmaxHead(3, N, chunk_size=4).double()
+    head = SoftArgmaxHead(3, N, chunk_size=4, mode="chunked").double()
     with torch.no_grad():
         head.weight.zero_()
     feats = torch.randn(2, 3, D, D, D, generator=g, dtype=torch.float64)
@@ -127,8 +127,8 @@ def test_prior_chunked_equals_naive_with_gradients():
     feats = torch.randn(B, C, D, D, D, generator=g, dtype=torch.float64)
     coords = torch.randn(B, D, D, D, 3, generator=g, dtype=torch.float64) * 30
     w, f = gaussian_log_prior(torch.randn(N, 3, generator=g, dtype=torch.float64), 0.9, D)
-    naive = SoftArgmaxHead(C, N, naive=True).double()
-    chunked = SoftArgmaxHead(C, N, chunk_size=3, checkpoint=True).double()
+    naive = SoftArgmaxHead(C, N, mode="naive").double()
+    chunked = SoftArgmaxHead(C, N, chunk_size=3, checkpoint=True, mode="chunked").double()
     chunked.load_state_dict(naive.state_dict())
     outs = []
     for head in (naive, chunked):
@@ -151,8 +151,8 @@ def test_fused_head_equals_naive_outputs_and_gradients(with_prior):
     for C in (5, 1):
         B, N, D = 2, 7, 4
         g = torch.Generator().manual_seed(C)
-        naive = SoftArgmaxHead(C, N, naive=True).double()
-        fused = SoftArgmaxHead(C, N, fused=True).double()
+        naive = SoftArgmaxHead(C, N, mode="naive").double()
+        fused = SoftArgmaxHead(C, N).double()  # the default mode
         with torch.no_grad():
             naive.bias.copy_(torch.randn(N, generator=g, dtype=torch.float64))
         fused.load_state_dict(naive.state_dict())
@@ -171,5 +171,6 @@ def test_fused_head_equals_naive_outputs_and_gradients(with_prior):
         np.testing.assert_allclose(outs[1].numpy(), outs[0].numpy(), atol=1e-10)
         for a, b in zip(grads[0], grads[1]):
             np.testing.assert_allclose(b.numpy(), a.numpy(), atol=1e-10)
-    with pytest.raises(ValueError, match="exclude"):
-        SoftArgmaxHead(3, 2, naive=True, fused=True)
+    assert fused.mode == "fused"
+    with pytest.raises(ValueError, match="mode"):
+        SoftArgmaxHead(3, 2, mode="both")

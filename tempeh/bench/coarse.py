@@ -93,7 +93,7 @@ class _Meter:
 
 def _child(spec: Dict) -> Dict:
     """Run one configuration in this (fresh) process."""
-    from tempeh.bench.reference_arch import ReferenceStyleHead, set_head_mode
+    from tempeh.bench.reference_arch import HEAD_IMPL, ReferenceStyleHead, set_head_mode
     from tempeh.cameras import Cameras
     from tempeh.models.coarse import CoarseConfig, CoarseModel
     from tempeh.models.soft_argmax import SoftArgmaxHead
@@ -106,8 +106,7 @@ def _child(spec: Dict) -> Dict:
     reps = int(spec.get("reps", 1))
     res: Dict = dict(spec, threads=torch.get_num_threads())
     if spec["what"] == "head":
-        head = SoftArgmaxHead(128, N, chunk_size=spec["chunk"], naive=mode == "matmul",
-                              fused=mode == "efficient").to(dev)
+        head = SoftArgmaxHead(128, N, chunk_size=spec["chunk"], mode=HEAD_IMPL[mode]).to(dev)
         if mode == "reference":
             head = ReferenceStyleHead(head)
         D = spec["D"]

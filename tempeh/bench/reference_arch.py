@@ -9,9 +9,9 @@ a sum over the grid. Numerically it equals :func:`tempeh.models.soft_argmax.soft
 
 Head modes of the benchmark (``HEAD_MODES``):
 
-* ``efficient``: our default head (one fused attention call, ``SoftArgmaxHead(fused=True)``);
+* ``efficient``: our default head (one fused attention call, ``SoftArgmaxHead(mode="fused")``);
 * ``chunked``: our earlier default (chunks of vertices, each checkpointed in training);
-* ``matmul``: all logits at once, expectation by a batched matmul (``SoftArgmaxHead(naive=True)``);
+* ``matmul``: all logits at once, expectation by a batched matmul (``SoftArgmaxHead(mode="naive")``);
 * ``reference``: the reference formulation above (:class:`ReferenceStyleHead`).
 """
 from __future__ import annotations
@@ -20,10 +20,12 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-__all__ = ["HEAD_MODES", "REFERENCE_DOCUMENTED", "reference_style_soft_argmax", "ReferenceStyleHead",
+__all__ = ["HEAD_MODES", "HEAD_IMPL", "REFERENCE_DOCUMENTED", "reference_style_soft_argmax", "ReferenceStyleHead",
            "set_head_mode"]
 
 HEAD_MODES = ("efficient", "chunked", "matmul", "reference")
+#: SoftArgmaxHead.mode of each benchmark head mode ("reference" wraps the head instead)
+HEAD_IMPL = {"efficient": "fused", "chunked": "chunked", "matmul": "naive", "reference": "fused"}
 
 # The reference TEMPEH networks timed on the 2-core development CPU at paper scale with random
 # weights (DESIGN.md section 6; 16 views, 5023 vertices; wall time, peak memory). NOT measured by
@@ -69,7 +71,6 @@ def set_head_mode(model: nn.Module, mode: str) -> nn.Module:
     if mode not in HEAD_MODES:
         raise ValueError(f"head mode {mode!r}: expected one of {HEAD_MODES}")
     head = model.head.inner if isinstance(model.head, ReferenceStyleHead) else model.head
-    head.naive = mode == "matmul"
-    head.fused = mode == "efficient"
+    head.mode = HEAD_IMPL[mode]
     model.head = ReferenceStyleHead(head) if mode == "reference" else head
     return model

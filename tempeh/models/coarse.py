@@ -26,7 +26,7 @@ from tempeh.cameras import Cameras
 from tempeh.geometry.rotations import random_rotations
 from tempeh.models.feature_net import FeatureNetConfig
 from tempeh.models.localizer import Localizer, LocalizerOutput, warp_grid
-from tempeh.models.soft_argmax import SoftArgmaxHead, gaussian_log_prior
+from tempeh.models.soft_argmax import HEAD_MODES, SoftArgmaxHead, gaussian_log_prior
 from tempeh.models.unet3d import UNet3D
 from tempeh.models.volume import FUSION_MODES, fuse_mean_var, grid_offsets, make_grid, sample_views
 
@@ -81,17 +81,15 @@ class CoarseConfig(FeatureNetConfig):
     """Norm of the U-Net blocks: bn | in | gn | none."""
     unet_bottleneck_norm: Optional[str] = "gn"
     """Norm at the U-Net's deepest resolution (GroupNorm works at batch 1; None = unet_norm)."""
-    head_fused: bool = True
-    """Run the soft-argmax head as one fused attention call (``scaled_dot_product_attention``:
-    nothing of size N x D^3 is stored, forward or backward; see :mod:`tempeh.models.soft_argmax`).
-    False: the chunked head below. ``head_naive`` overrides both."""
+    head_mode: str = "fused"
+    """Soft-argmax head evaluation (:class:`~tempeh.models.soft_argmax.SoftArgmaxHead`):
+    ``fused`` (one ``scaled_dot_product_attention`` call; nothing of size N x D^3 is stored,
+    forward or backward), ``chunked`` (vertex chunks, below) or ``naive`` (all (B, N, D^3) logits
+    at once; reference behaviour, benchmarks only). All give the same result."""
     head_chunk_size: int = 256
-    """Vertices per chunk of the chunked head (``head_fused: false``; 256 x 32^3 floats = 32 MiB
-    per buffer)."""
+    """Vertices per chunk of the chunked head (256 x 32^3 floats = 32 MiB per buffer)."""
     head_checkpoint: bool = True
     """Checkpoint each chunk of the chunked head in training (memory does not grow with N x D^3)."""
-    head_naive: bool = False
-    """Compute all (B, N, D^3) logits at once (reference behaviour, benchmarks only)."""
     template_prior_sigma_mm: float = 0.0
     """0 (paper): every vertex starts at the grid centre. > 0: each vertex's logits get a Gaussian
     log-prior centred on its template position placed in the localised box (template bounding-box
@@ -100,6 +98,10 @@ class CoarseConfig(FeatureNetConfig):
     by the localizer, the localizer learns the head's pose from the vertex loss directly and the
     U-Net learns residuals. Needs the template (``CoarseModel(cfg, template_verts)``); keep
     ``random_grid_rotation`` off with it, else the localizer must also undo random rotations."""
+
+    def __post_init__(self):
+        if self.head_mode not in HEAD_MODES:
+            raise ValueError(f"CoarseConfig.head_mode: {self.head_mode!r} not in {HEAD_MODES}")
 
     @classmethod
     def paper_scale(cls, **overrides) -> "CoarseConfig":
@@ -170,8 +172,7 @@ class CoarseModel(nn.Module):
                            bottleneck_norm=cfg.unet_bottleneck_norm,
                            back_widths=cfg.unet_back_widths)
         self.head = SoftArgmaxHead(self.unet.out_features, cfg.num_verts, cfg.head_chunk_size,
-                                   checkpoint=cfg.head_checkpoint, naive=cfg.head_naive,
-                                   fused=cfg.head_fused and not cfg.head_naive)
+                                   checkpoint=cfg.head_checkpoint, mode=cfg.head_mode)
         self.register_buffer("prior_weight", None, persistent=False)
         self.register_buffer("prior_feats", None, persistent=False)
         self.register_buffer("prior_means_mm", None, persistent=False)

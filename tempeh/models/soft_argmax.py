@@ -12,14 +12,14 @@ and keeps them all for the backward pass. Here:
   only the ``(B, chunk, 3)`` outputs are kept and the chunk's logits are recomputed in the
   backward pass: memory no longer grows with ``N x G``.
 
-The default head (``fused=True``) goes one step further: the head is an attention, with the
+The default head (``mode="fused"``) goes one step further: the head is an attention, with the
 vertices' weights as queries, the voxels' features as keys and the voxel coordinates as values
 (scale 1), so it runs through ``torch.nn.functional.scaled_dot_product_attention``. torch's
 fused kernels (flash attention on CPU; flash or memory-efficient on CUDA) work block by block
 and never store the ``(B, N, G)`` logits or probabilities, neither forward nor backward. On the
 demo's head (1292 vertices, 16^3 grid, batch 2, 2 CPU threads) forward + backward took 72 ms
-instead of 146 ms, forward alone 20 ms instead of 65 ms. The chunked path stays for
-``fused=False`` (and as the reference in the tests).
+instead of 146 ms, forward alone 20 ms instead of 65 ms. The chunked path stays as
+``mode="chunked"`` (and as a reference in the tests).
 """
 from __future__ import annotations
 
@@ -35,7 +35,10 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["soft_argmax", "SoftArgmaxHead", "gaussian_log_prior"]
+__all__ = ["soft_argmax", "SoftArgmaxHead", "gaussian_log_prior", "HEAD_MODES"]
+
+#: Evaluation modes of :class:`SoftArgmaxHead` (see its docstring).
+HEAD_MODES = ("fused", "chunked", "naive")
 
 
 def soft_argmax(logits: Tensor, coords: Tensor) -> Tensor:
@@ -134,27 +137,27 @@ class SoftArgmaxHead(nn.Module):
     Args:
         in_channels: channels ``C`` of the input feature volume.
         num_verts: ``N`` output points (vertices).
-        chunk_size: vertices per chunk.
-        checkpoint: wrap each chunk in ``torch.utils.checkpoint`` when gradients are needed.
-        naive: compute all ``(B, N, G)`` logits at once (reference memory behaviour; for
-            comparisons and benchmarks).
-        fused: one fused attention call for all vertices (module docstring); ``chunk_size``
-            and ``checkpoint`` then do not apply (nothing of size ``N x G`` is stored).
+        chunk_size: vertices per chunk (``mode="chunked"``).
+        checkpoint: wrap each chunk in ``torch.utils.checkpoint`` when gradients are needed
+            (``mode="chunked"``).
+        mode: ``"fused"`` (default): one fused attention call for all vertices (module
+            docstring; nothing of size ``N x G`` is stored); ``"chunked"``: vertex chunks;
+            ``"naive"``: all ``(B, N, G)`` logits at once (reference memory behaviour, for
+            comparisons and benchmarks). The mode may be changed on the module later.
     Parameters: ``weight (N, C)`` (Xavier-normal, like the reference's Conv3d), ``bias (N,)``
     (zero). The bias is kept for parity with the reference's Conv3d (state-dict mapping); a
     per-vertex constant does not change a softmax, so its gradient is exactly zero.
     """
 
     def __init__(self, in_channels: int, num_verts: int, chunk_size: int = 512,
-                 checkpoint: bool = True, naive: bool = False, fused: bool = False):
+                 checkpoint: bool = True, mode: str = "fused"):
         super().__init__()
         if chunk_size < 1:
             raise ValueError(f"SoftArgmaxHead: chunk_size must be >= 1, got {chunk_size}")
+        if mode not in HEAD_MODES:
+            raise ValueError(f"SoftArgmaxHead: mode {mode!r} not in {HEAD_MODES}")
         self.in_channels, self.num_verts = int(in_channels), int(num_verts)
-        if naive and fused:
-            raise ValueError("SoftArgmaxHead: naive and fused exclude each other")
-        self.chunk_size, self.checkpoint, self.naive = int(chunk_size), bool(checkpoint), bool(naive)
-        self.fused = bool(fused)
+        self.chunk_size, self.checkpoint, self.mode = int(chunk_size), bool(checkpoint), mode
         self.weight = nn.Parameter(torch.empty(self.num_verts, self.in_channels))
         self.bias = nn.Parameter(torch.zeros(self.num_verts))
         nn.init.xavier_normal_(self.weight)
@@ -195,9 +198,9 @@ class SoftArgmaxHead(nn.Module):
                              f"{tuple(prior_feats.shape)} must be (N={self.num_verts}, K) and "
                              f"(K, G={f.shape[-1]})")
         f_aug, w_aug = _augment(f, self.weight, self.bias, prior_weight, prior_feats)
-        if self.naive:
+        if self.mode == "naive":
             return _chunk_soft_argmax(f_aug, xyz, w_aug)
-        if self.fused:
+        if self.mode == "fused":
             return _fused_soft_argmax(f_aug, xyz, w_aug)
         use_ckpt = self.checkpoint and torch.is_grad_enabled() and (
             f.requires_grad or xyz.requires_grad or self.weight.requires_grad)
