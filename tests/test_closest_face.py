@@ -208,7 +208,7 @@ def test_threads_dtypes_and_repeat_queries_are_consistent():
     assert fe.shape == (0,) and de.shape == (0,)
 
 
-def test_barycentrics_give_the_closest_point_incl_edges_and_vertices():
+def test_closest_points_match_brute_force_incl_edges_and_vertices():
     v, f = bumpy_sphere(2, seed=21)
     rng = np.random.default_rng(22)
     tri = v[f]
@@ -221,16 +221,17 @@ def test_barycentrics_give_the_closest_point_incl_edges_and_vertices():
         tri[k].mean(1) + n[k] * rng.uniform(-3, 3, (200, 1)),  # above triangle interiors
         rng.normal(size=(200, 3)) * 150.0,  # far, inside and outside
     ])
-    fi, d2, w = closest_faces_grid(pts, v, f, with_bary=True)
+    fi, d2, w, diff = closest_faces_grid(pts, v, f, with_closest=True)
     assert (w >= 0).all()
     np.testing.assert_allclose(w.sum(1), 1.0, atol=1e-12)
     q = (w[:, :, None] * v[f[fi]]).sum(1)
     q_ref = closest_on_triangle(pts, *v[f[fi]].transpose(1, 0, 2))
     np.testing.assert_allclose(q, q_ref, atol=1e-9 * np.ptp(v))
+    np.testing.assert_allclose(diff, pts - q_ref, atol=1e-9 * np.ptp(v))
     np.testing.assert_allclose(((pts - q) ** 2).sum(1), d2, rtol=1e-9, atol=1e-9)
-    # the query-only entry point gives the same weights
-    _, _, w2 = query_triangle_grid(build_triangle_grid(v, f), pts, with_bary=True)
-    np.testing.assert_array_equal(w, w2)
+    # the query-only entry point gives the same closest points
+    for a, b in zip(query_triangle_grid(build_triangle_grid(v, f), pts, with_closest=True), (fi, d2, w, diff)):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_reused_buffers_across_meshes_and_owned_grids():

@@ -173,11 +173,7 @@ def test_direct_embree_matches_embreex_api_and_naive(monkeypatch):
     """The embree backend calls the Embree 4 library bundled with embreex directly (threaded);
     it must give embreex's own answers and the naive float64 test's, for any thread count."""
     pytest.importorskip("embreex")
-    import importlib
-
     from tempeh.geometry import embree_rays
-
-    vis_mod = importlib.import_module("tempeh.geometry.visibility")  # the module, not the function
 
     assert embree_rays.available()  # the wheel bundles the library: the fast path must load
     v, f = _random_scene(4)
@@ -200,7 +196,11 @@ def test_direct_embree_matches_embreex_api_and_naive(monkeypatch):
     np.testing.assert_array_equal(outs[0][~amb], naive[~amb])
     st, en, vt, ft = (torch.tensor(x) for x in (starts, ends, v, f))
     direct = occluded_segments(st, en, vt, ft, tol=tol, backend="embree").numpy()
-    monkeypatch.setattr(vis_mod, "_DIRECT_EMBREE", False)
+    from tempeh.geometry.visibility import _EmbreeMesh, _occluder
+
+    assert isinstance(_occluder(v, f), embree_rays.EmbreeOccluder)
+    monkeypatch.setattr(embree_rays, "available", lambda: False)  # as without the bundled library
+    assert isinstance(_occluder(v, f), _EmbreeMesh)
     via_embreex = occluded_segments(st, en, vt, ft, tol=tol, backend="embree").numpy()
     np.testing.assert_array_equal(direct, outs[0])
     np.testing.assert_array_equal(direct[~amb], via_embreex[~amb])

@@ -15,8 +15,8 @@ phase 1 :func:`_grid_shape` sizes the grid, phase 2 :func:`_build_into` fills it
 2. Cell size ``h = cell_scale * mean edge length`` (``cell_scale`` defaults to
    :data:`DEFAULT_CELL_SCALE` = 1: on the FLAME template, 5.1 mm cells, 42 x 63 x 45 of them; the
    benchmark's points, within a few mm of the surface where vertices are dense, visit ~4.3
-   cells and bound-test ~99 triangles each (~5 per cell on average, far more in the dense eye
-   and mouth regions); 0.7-1.4 were equally fast). ``h`` grows by x1.5 while the grid would hold more than ``max(64 F, 4096)``
+   cells each (~5 triangles per non-empty cell on average, far more in the dense eye and mouth
+   regions); of 0.6, 0.7, 0.8 and 1.0, 1.0 was fastest, by 3-15 %). ``h`` grows by x1.5 while the grid would hold more than ``max(64 F, 4096)``
    cells or the triangles' bounding boxes would cover more than that many cells in total, so
    meshes with very uneven triangle sizes (a few huge triangles among tiny ones) or far-apart
    parts stay O(F) in memory. A mesh collapsed onto one point gets a single cell.
@@ -48,9 +48,9 @@ ranges of them, the numba kernel releasing the GIL):
   for its remaining triangles, and a per-point stamp skips triangles already tested in an
   earlier cell (a triangle is registered in ~5 cells; on the FLAME benchmark this halved the
   exact evaluations per point, 13 -> 6.5).
-* Optionally (``with_bary``) the barycentric weights of the closest point on the winning
-  triangle, from the same 4 candidates; ``point_to_surface`` uses them for its differentiable
-  part instead of re-solving the point-triangle problem in torch.
+* Optionally (``with_closest``) the closest point on the winning triangle, from the same 4
+  candidates: its barycentric weights and ``p - q``; ``point_to_surface`` differentiates with
+  them instead of re-solving the point-triangle problem in torch.
 * Ties (equidistant triangles, e.g. a closest point on a shared edge) return one of them.
 
 Buffers: :func:`closest_faces_grid` builds into per-thread work arrays kept between calls
@@ -101,7 +101,6 @@ __all__ = [
     "build_triangle_grid",
     "query_triangle_grid",
     "closest_faces_grid",
-    "closest_points_grid",
     "DEFAULT_CELL_SCALE",
     "NUMBA_AVAILABLE",
 ]
@@ -120,7 +119,7 @@ class TriangleGrid(NamedTuple):
     """A uniform grid over the bounding boxes of a mesh's triangles (from :func:`build_triangle_grid`).
 
     The triangles are stored in Morton (Z-curve) order of their centroid's cell, so triangles
-    that are close in space are close in memory (the query is limited by memory traffic).
+    that are close in space are close in memory.
 
     Attributes:
         origin: ``(3,)`` float64, minimum corner of the grid (unit of the vertices).
@@ -199,11 +198,11 @@ def _point_triangle_d2(px, py, pz, rec, f):
 
 
 @njit(cache=True, nogil=True)
-def _write_bary(px, py, pz, rec, f, out_w, out_diff, n):
-    """Write to ``out_w[n]`` the barycentric weights (of the record's vertices a, b, c, i.e. the
-    face's vertices in order) of the closest point of triangle ``rec[f]`` to p: the winner of
-    the candidates of :func:`_candidates` (interior, edges ab, ac, bc); and, when ``out_diff``
-    has rows, ``p - q`` for that closest point ``q`` to ``out_diff[n]``."""
+def _write_closest(px, py, pz, rec, f, out_w, out_diff, n):
+    """The closest point ``q`` of triangle ``rec[f]`` to p, the winner of the candidates of
+    :func:`_candidates` (interior, edges ab, ac, bc): its barycentric weights (of the record's
+    vertices a, b, c, i.e. the face's vertices in order) to ``out_w[n]`` and ``p - q`` to
+    ``out_diff[n]``."""
     d_in, wa, wb, wc, nlen, t_ab, d_ab, t_ac, d_ac, t_bc, d_bc = _candidates(px, py, pz, rec, f)
     best = d_in
     if d_in < np.inf:  # finite only inside a non-degenerate triangle
@@ -216,11 +215,10 @@ def _write_bary(px, py, pz, rec, f, out_w, out_diff, n):
         out_w[n, 0], out_w[n, 1], out_w[n, 2] = 1.0 - t_ac, 0.0, t_ac
     if d_bc < best:
         out_w[n, 0], out_w[n, 1], out_w[n, 2] = 0.0, 1.0 - t_bc, t_bc
-    if out_diff.shape[0] > 0:
-        w0, w1, w2 = out_w[n, 0], out_w[n, 1], out_w[n, 2]
-        out_diff[n, 0] = px - (w0 * rec[f, 10] + w1 * rec[f, 13] + w2 * rec[f, 16])
-        out_diff[n, 1] = py - (w0 * rec[f, 11] + w1 * rec[f, 14] + w2 * rec[f, 17])
-        out_diff[n, 2] = pz - (w0 * rec[f, 12] + w1 * rec[f, 15] + w2 * rec[f, 18])
+    w0, w1, w2 = out_w[n, 0], out_w[n, 1], out_w[n, 2]
+    out_diff[n, 0] = px - (w0 * rec[f, 10] + w1 * rec[f, 13] + w2 * rec[f, 16])
+    out_diff[n, 1] = py - (w0 * rec[f, 11] + w1 * rec[f, 14] + w2 * rec[f, 17])
+    out_diff[n, 2] = pz - (w0 * rec[f, 12] + w1 * rec[f, 15] + w2 * rec[f, 18])
 
 
 @njit(cache=True, nogil=True)
@@ -610,11 +608,10 @@ def _query_range(points, order, start, stop, origin, h, dims, cell_start, cell_t
     run disjoint ranges in parallel). The seed restarts every ``_CHUNK`` points, so the result
     does not depend on how the points are split into ranges (``start`` a multiple of
     ``_CHUNK``). ``out_w``, ``out_diff``: ``(P, 3)`` for the closest points' barycentric weights
-    and ``p - q``, or ``(0, 3)``
-    for none. ``stamp``: ``(F,)`` int64, zero at the start of the query and used by one thread
+    and ``p - q`` (:func:`_write_closest`), or ``(0, 3)`` for none. ``stamp``: ``(F,)`` int64, zero at the start of the query and used by one thread
     only (the ids ``m + 1`` are unique within a query); ``lbs``: scratch of the largest cell's
     triangle count (:func:`_max_cell`)."""
-    with_bary = out_w.shape[0] > 0
+    with_closest = out_w.shape[0] > 0
     nx, ny, nz = dims[0], dims[1], dims[2]
     ox, oy, oz = origin[0], origin[1], origin[2]
     prev = -1
@@ -626,8 +623,8 @@ def _query_range(points, order, start, stop, origin, h, dims, cell_start, cell_t
                               ox, oy, oz, h, cell_start, cell_tris, rec, stamp, m + 1, lbs)
         out_f[n] = face_id[prev]
         out_d2[n] = d2
-        if with_bary:
-            _write_bary(points[n, 0], points[n, 1], points[n, 2], rec, prev, out_w, out_diff, n)
+        if with_closest:
+            _write_closest(points[n, 0], points[n, 1], points[n, 2], rec, prev, out_w, out_diff, n)
 
 
 @njit(cache=True, nogil=True)
@@ -747,19 +744,17 @@ def _as_points(points: np.ndarray) -> np.ndarray:
     return points
 
 
-def _query(grid: TriangleGrid, points: np.ndarray, num_threads: Optional[int], with_bary: bool,
-           with_diff: bool = False):
+def _query(grid: TriangleGrid, points: np.ndarray, num_threads: Optional[int], with_closest: bool):
     """Query validated float64 ``points``; scratch in this thread's buffers. Returns
-    ``(face_idx, dist_sq, bary, diff)``; ``bary``/``diff`` (``p - closest point``) have 0 rows
-    unless asked for (``with_diff`` implies the barycentrics)."""
+    ``(face_idx, dist_sq)``, with ``with_closest`` also ``(bary, diff)``."""
     P = points.shape[0]
-    with_bary = with_bary or with_diff
+    rows = P if with_closest else 0
     out_f = np.empty(P, dtype=np.int64)
     out_d2 = np.empty(P, dtype=np.float64)
-    out_w = np.empty((P if with_bary else 0, 3), dtype=np.float64)
-    out_diff = np.empty((P if with_diff else 0, 3), dtype=np.float64)
+    out_w = np.empty((rows, 3), dtype=np.float64)
+    out_diff = np.empty((rows, 3), dtype=np.float64)
     if P == 0:
-        return out_f, out_d2, out_w, out_diff
+        return (out_f, out_d2, out_w, out_diff) if with_closest else (out_f, out_d2)
     n_threads = default_threads() if num_threads is None else max(int(num_threads), 1)
     bufs = _TLS.buffers
     order = bufs.get("order", (P,), np.int64)
@@ -777,11 +772,11 @@ def _query(grid: TriangleGrid, points: np.ndarray, num_threads: Optional[int], w
         scratch.append((stamp, bufs.get(f"lbs{t}", (lbs_size,), np.float64)))
     # ranges start at multiples of _CHUNK, so the seeds (and the result) do not depend on the split
     run_ranges(lambda a, b, t: _query_range(points, order, a, b, *args, *scratch[t]), P, n_threads, align=_CHUNK)
-    return out_f, out_d2, out_w, out_diff
+    return (out_f, out_d2, out_w, out_diff) if with_closest else (out_f, out_d2)
 
 
 def query_triangle_grid(
-    grid: TriangleGrid, points: np.ndarray, num_threads: Optional[int] = None, with_bary: bool = False
+    grid: TriangleGrid, points: np.ndarray, num_threads: Optional[int] = None, with_closest: bool = False
 ):
     """Closest triangle of ``grid`` for every point, exact.
 
@@ -789,18 +784,18 @@ def query_triangle_grid(
         grid: from :func:`build_triangle_grid`.
         points: ``(P, 3)`` query points (any float dtype; used as float64), same unit as the mesh.
         num_threads: threads for this call (default: ``torch.get_num_threads()``): the points are
-            split into that many ranges, run by Python threads (the kernel releases the GIL).
-        with_bary: also return the barycentric weights of the closest points.
+            split into ranges claimed by that many Python threads (the kernel releases the GIL).
+        with_closest: also return the closest points.
     Returns:
-        ``face_idx (P,)`` int64 and ``dist_sq (P,)`` float64 (unit^2); with ``with_bary`` also
-        ``bary (P, 3)`` float64: weights of the vertices ``faces[face_idx]`` (in the face's
-        order), non-negative, summing to 1, of the closest point ON the triangle.
+        ``face_idx (P,)`` int64 and ``dist_sq (P,)`` float64 (unit^2); with ``with_closest`` also
+        ``bary (P, 3)`` float64, the weights of the vertices ``faces[face_idx]`` (in the face's
+        order; non-negative, summing to 1) of the closest point ``q`` ON the triangle, and
+        ``diff (P, 3)`` float64, ``p - q``.
     Raises:
         ValueError: bad shape or NaN/inf points.
     """
     _require_numba()
-    f, d2, w, _ = _query(grid, _as_points(points), num_threads, with_bary)
-    return (f, d2, w) if with_bary else (f, d2)
+    return _query(grid, _as_points(points), num_threads, with_closest)
 
 
 def closest_faces_grid(
@@ -809,7 +804,7 @@ def closest_faces_grid(
     faces: np.ndarray,
     cell_scale: float = DEFAULT_CELL_SCALE,
     num_threads: Optional[int] = None,
-    with_bary: bool = False,
+    with_closest: bool = False,
 ):
     """Exact closest triangle for every point: build the grid (in this thread's reused
     buffers), then query it.
@@ -818,30 +813,15 @@ def closest_faces_grid(
         points: ``(P, 3)`` query points; verts: ``(N, 3)``; faces: ``(F, 3)`` integer (same unit, mm).
         cell_scale: grid cell size in mean edge lengths (see :func:`build_triangle_grid`).
         num_threads: threads for the query (default: ``torch.get_num_threads()``).
-        with_bary: also return the closest points' barycentric weights (see
-            :func:`query_triangle_grid`).
+        with_closest: also return the closest points (see :func:`query_triangle_grid`); what
+            ``point_to_surface`` differentiates with.
     Returns:
         ``face_idx (P,)`` int64, ``dist_sq (P,)`` float64 squared distance (mm^2) to the closest
-        point ON that triangle (and ``bary (P, 3)`` with ``with_bary``). Ties return one of the
+        point ON that triangle (and ``bary, diff`` with ``with_closest``). Ties return one of the
         tied triangles.
     """
     _require_numba()
     _check_cell_scale(cell_scale)
     verts, faces = _as_mesh(verts, faces)
     points = _as_points(points)
-    f, d2, w, _ = _query(_build(verts, faces, cell_scale, _TLS.buffers), points, num_threads, with_bary)
-    return (f, d2, w) if with_bary else (f, d2)
-
-
-def closest_points_grid(points: np.ndarray, verts: np.ndarray, faces: np.ndarray,
-                        num_threads: Optional[int] = None):
-    """Like :func:`closest_faces_grid` with ``with_bary``, plus ``diff (P, 3) = p - q`` for the
-    closest point ``q`` on the surface (float64): what ``point_to_surface`` differentiates with.
-
-    Returns:
-        ``face_idx (P,)``, ``dist_sq (P,)``, ``bary (P, 3)``, ``diff (P, 3)``.
-    """
-    _require_numba()
-    verts, faces = _as_mesh(verts, faces)
-    points = _as_points(points)
-    return _query(_build(verts, faces, DEFAULT_CELL_SCALE, _TLS.buffers), points, num_threads, True, True)
+    return _query(_build(verts, faces, cell_scale, _TLS.buffers), points, num_threads, with_closest)

@@ -114,12 +114,9 @@ def _occluder(verts: np.ndarray, faces: np.ndarray):
     its library loads, else embreex's API."""
     from tempeh.geometry import embree_rays
 
-    if _DIRECT_EMBREE and embree_rays.available():
+    if embree_rays.available():
         return embree_rays.EmbreeOccluder(verts, faces)
     return _EmbreeMesh(verts, faces)
-
-
-_DIRECT_EMBREE = True  # tests switch it off to check the embreex path
 
 
 # ----------------------------------------------------------------------------- torch brute force
