@@ -1,8 +1,9 @@
 """Occlusion rays against a triangle mesh with Intel Embree 4, called directly and multi-threaded.
 
 ``embreex`` (the Embree binding behind ``trimesh.ray.has_embree``) holds the GIL while it traces
-and builds scenes slowly: on the 5023-vertex FLAME template its scene costs ~17 ms (construction
-plus the BVH build at the first query) and 80k occlusion rays ~20 ms on one core. This module
+and builds scenes slowly: on the 5023-vertex FLAME template, constructing its scene took ~7.5
+ms, a first query ~10 ms more than a repeated one (the BVH build), and 80k occlusion rays ~20 ms
+on one core. This module
 loads the Embree 4 library that the embreex wheel ships (``embreex.libs/libembree4*``) with
 ``ctypes``, builds the scene from shared float32 buffers (~2 ms) and traces the rays from a numba
 kernel that releases the GIL, on the shared geometry thread pool (~9 ms on 2 cores). When the
