@@ -208,6 +208,14 @@ def test_point_to_surface_gradcheck_mesh(backend):
     # the igl query picks the same faces (up to ties), so it yields the same distances
     d_igl, _ = point_to_surface(P, V, _t(f), backend="igl")
     np.testing.assert_allclose(d_igl.detach().numpy(), fn(P, V).detach().numpy(), atol=1e-12)
+    # float32, gradient w.r.t. one input only (points fixed, as for a scan): same as torch
+    g32 = []
+    for be in (backend, "torch"):
+        vv = V.detach().float().requires_grad_(True)
+        point_to_surface(P.detach().float(), vv, _t(f), backend=be)[0].sum().backward()
+        assert vv.grad.dtype == torch.float32
+        g32.append(vv.grad)
+    np.testing.assert_allclose(g32[0].numpy(), g32[1].numpy(), atol=1e-5)
 
 
 def test_degenerate_triangles_and_on_surface_finite_gradients():

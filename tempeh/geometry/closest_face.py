@@ -101,6 +101,7 @@ __all__ = [
     "build_triangle_grid",
     "query_triangle_grid",
     "closest_faces_grid",
+    "envelope_grads",
     "DEFAULT_CELL_SCALE",
     "NUMBA_AVAILABLE",
 ]
@@ -628,6 +629,20 @@ def _query_range(points, order, start, stop, origin, h, dims, cell_start, cell_t
 
 
 @njit(cache=True, nogil=True)
+def _envelope_grads_kernel(grad, faces, face_idx, bary, diff, g_p, g_v):
+    """Scatter of the envelope-theorem gradients of ``d2 = |p - q|^2`` (see
+    :func:`envelope_grads`); ``g_v`` is accumulated into (zero it first)."""
+    for n in range(grad.shape[0]):
+        g = 2.0 * grad[n]
+        f = face_idx[n]
+        for d in range(3):
+            gp = g * diff[n, d]
+            g_p[n, d] = gp
+            for k in range(3):
+                g_v[faces[f, k], d] -= bary[n, k] * gp
+
+
+@njit(cache=True, nogil=True)
 def _max_cell(cell_start):
     """Largest number of triangles registered in one cell."""
     m = 0
@@ -796,6 +811,27 @@ def query_triangle_grid(
     """
     _require_numba()
     return _query(grid, _as_points(points), num_threads, with_closest)
+
+
+def envelope_grads(grad: np.ndarray, faces: np.ndarray, face_idx: np.ndarray, bary: np.ndarray,
+                   diff: np.ndarray, num_verts: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Gradients of the squared distances ``d2 = |p - q|^2`` to the closest points ``q`` (from a
+    ``with_closest`` query) by the envelope theorem: ``dd2/dp = 2 (p - q)`` and
+    ``dd2/dv_k = -2 w_k (p - q)`` for the 3 vertices of the closest face (barycentric weights
+    ``w``), chained with the incoming ``grad`` (serial numba scatter, float64).
+
+    Args:
+        grad: ``(P,)`` upstream gradient of every ``d2``.
+        faces: ``(F, 3)`` int64; face_idx: ``(P,)`` int64; bary, diff: ``(P, 3)`` float64 (the query's).
+        num_verts: N.
+    Returns:
+        ``g_points (P, 3)``, ``g_verts (N, 3)``, float64.
+    """
+    _require_numba()
+    g_p = np.empty((grad.shape[0], 3), dtype=np.float64)
+    g_v = np.zeros((num_verts, 3), dtype=np.float64)
+    _envelope_grads_kernel(np.ascontiguousarray(grad), faces, face_idx, bary, diff, g_p, g_v)
+    return g_p, g_v
 
 
 def closest_faces_grid(

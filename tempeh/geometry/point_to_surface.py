@@ -268,49 +268,53 @@ def _numpy64(x: Tensor) -> np.ndarray:
 
 
 def _closest_faces_grid(points: Tensor, verts: Tensor, faces: Tensor, with_closest: bool = False):
-    """``face_idx (B, P) int64`` from the numba grid, and with ``with_closest`` also
-    ``(dist_sq, bary, diff)`` float64 ``(B, P)``, ``(B, P, 3)``, ``(B, P, 3)`` (``diff = p - q``
-    for the closest point ``q``), else None."""
+    """``face_idx (B, P) int64`` from the numba grid, and with ``with_closest`` also the query's
+    numpy arrays ``(faces (F, 3) int64, face_idx (B, P), dist_sq (B, P), bary (B, P, 3),
+    diff (B, P, 3))``, float64 (``diff = p - q`` for the closest point ``q``), else None."""
     from tempeh.geometry.closest_face import closest_faces_grid
 
-    f = faces.detach().cpu().numpy()
+    f = np.ascontiguousarray(faces.detach().cpu().numpy(), dtype=np.int64)
     n_threads = torch.get_num_threads()
     res = [closest_faces_grid(p, v, f, num_threads=n_threads, with_closest=with_closest)
            for p, v in zip(_numpy64(points), _numpy64(verts))]
-    face_idx = torch.from_numpy(np.stack([r[0] for r in res])).to(points.device)
+    # B = 1 (the common case) needs no stacking copy
+    arrays = [r[0][None] if len(res) == 1 else np.stack(r) for r in zip(*res)]
+    face_idx = torch.from_numpy(arrays[0]).to(points.device)
     if not with_closest:
         return face_idx, None
-    return face_idx, tuple(torch.from_numpy(np.stack([r[k] for r in res])) for k in (1, 2, 3))
+    return face_idx, (f, *arrays)
 
 
 class _GridDistSq(torch.autograd.Function):
     """Squared distances from the grid query (float64 closest points), with the exact first
     derivatives of the envelope theorem: ``d d2 / dp = 2 (p - q)``, ``d d2 / dv_k = -2 w_k (p - q)``
-    for the 3 vertices of the closest face (weights ``w``). The same values and first derivatives
-    as :func:`point_triangle_distance_sq`, without re-solving the closest point in torch.
-    First order only (``once_differentiable``)."""
+    for the 3 vertices of the closest face (weights ``w``), scattered by a numba kernel
+    (:func:`tempeh.geometry.closest_face.envelope_grads`). The same values and first derivatives
+    as :func:`point_triangle_distance_sq`, without re-solving the closest point in torch and
+    without torch gather/scatter ops on the CPU. First order only (``once_differentiable``).
+    ``query``: the numpy tuple of :func:`_closest_faces_grid`."""
 
     @staticmethod
-    def forward(ctx, points, verts, vidx, bary, diff, d2):
-        ctx.save_for_backward(vidx, bary, diff)
+    def forward(ctx, points, verts, query):
+        ctx.query = query
         ctx.num_verts = verts.shape[1]
-        return d2
+        ctx.dtypes = (points.dtype, verts.dtype)
+        return torch.from_numpy(query[2]).to(device=points.device, dtype=points.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        vidx, bary, diff = ctx.saved_tensors
-        g_p = 2.0 * diff * grad.unsqueeze(-1)  # (B, P, 3)
-        g_v = None
+        from tempeh.geometry.closest_face import envelope_grads
+
+        faces, face_idx, _, bary, diff = ctx.query
+        g = grad.detach().cpu().numpy()
+        out = [envelope_grads(g[b], faces, face_idx[b], bary[b], diff[b], ctx.num_verts) for b in range(g.shape[0])]
+        g_p = g_v = None
+        if ctx.needs_input_grad[0]:
+            g_p = torch.from_numpy(np.stack([o[0] for o in out])).to(device=grad.device, dtype=ctx.dtypes[0])
         if ctx.needs_input_grad[1]:
-            B, P, _ = g_p.shape
-            N = ctx.num_verts
-            contrib = -(bary.unsqueeze(-1) * g_p.unsqueeze(-2))  # (B, P, 3 vertices, 3)
-            flat = (vidx + torch.arange(B, device=vidx.device).view(B, 1, 1) * N).reshape(-1)
-            g_v = torch.zeros(B * N, 3, dtype=g_p.dtype, device=g_p.device)
-            g_v.index_add_(0, flat, contrib.reshape(-1, 3))
-            g_v = g_v.view(B, N, 3)
-        return (g_p if ctx.needs_input_grad[0] else None), g_v, None, None, None, None
+            g_v = torch.from_numpy(np.stack([o[1] for o in out])).to(device=grad.device, dtype=ctx.dtypes[1])
+        return g_p, g_v, None
 
 
 def _closest_faces_igl(points: Tensor, verts: Tensor, faces: Tensor) -> Tensor:
@@ -355,8 +359,8 @@ def _closest_faces_kaolin(points: Tensor, verts: Tensor, faces: Tensor) -> Tenso
 
 def _closest(points: Tensor, verts: Tensor, faces: Tensor, backend: str, with_closest: bool):
     """Validated query: ``(face_idx (B, P), closest)``; ``closest`` is the grid's
-    ``(dist_sq, bary, diff)`` (see :func:`_closest_faces_grid`) when asked for and the backend is
-    the grid, else None."""
+    numpy tuple of :func:`_closest_faces_grid` when asked for and the backend is the grid, else
+    None."""
     _check_inputs(points, verts, faces, "closest_faces")
     faces = faces.long()
     name = _resolve_backend(backend, points.device)
@@ -421,8 +425,7 @@ def point_to_surface(
         a, b, c = _gather_triangles(verts, faces.long(), face_idx)
         d2 = point_triangle_distance_sq(points, a, b, c)
     else:  # the grid's float64 closest points: values and envelope gradients without a torch re-solve
-        d2, bary, diff = (x.to(device=points.device, dtype=points.dtype) for x in closest)
-        d2 = _GridDistSq.apply(points, verts, faces.long().to(face_idx.device)[face_idx], bary, diff, d2)
+        d2 = _GridDistSq.apply(points, verts, closest)
     return (d2 if squared else safe_sqrt(d2)), face_idx
 
 
