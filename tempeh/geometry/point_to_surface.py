@@ -9,7 +9,7 @@ Two steps:
      (:mod:`tempeh.geometry.closest_face`), float64, CPU, the grid rebuilt per call (the
      vertices change every step), ~3x less CPU than libigl on the FLAME template. It runs on
      ``torch.get_num_threads()`` threads. The first call in a fresh environment JIT-compiles it
-     (~10-20 s, once: the machine code is cached in ``__pycache__``; later processes load it in
+     (~30 s, once: the machine code is cached in ``__pycache__``; later processes load it in
      ~1-3 s including ``import numba``).
    * ``"igl"``: libigl's AABB tree in float64 on CPU.
    * ``"torch"``: a chunked brute-force torch query that runs on any device.
