@@ -50,7 +50,9 @@ ranges of them, the numba kernel releasing the GIL):
   exact evaluations per point, 13 -> 6.5).
 * Optionally (``with_closest``) the closest point on the winning triangle, from the same 4
   candidates: its barycentric weights and ``p - q``; ``point_to_surface`` differentiates with
-  them instead of re-solving the point-triangle problem in torch.
+  them instead of re-solving the point-triangle problem in torch, its backward scattering the
+  gradients in numba (:func:`envelope_grads`; ~3-4 ms less than torch's gather/``index_add_``
+  for 20k points on the 2-core machine).
 * Ties (equidistant triangles, e.g. a closest point on a shared edge) return one of them.
 
 Buffers: :func:`closest_faces_grid` builds into per-thread work arrays kept between calls
