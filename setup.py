@@ -10,7 +10,7 @@ TOOLS = {
     "tempeh-make-synthetic": "tempeh.cli.make_synthetic:main",
     "tempeh-evaluate": "tempeh.cli.evaluate:main",
     "tempeh-build-cache": "tempeh.cli.build_cache:main",
-    "tempeh-train": "tempeh.cli.train:main",
+    "tempeh-train": "tempeh.cli.train:run",
     "tempeh-fit-scans": "tempeh.cli.fit_scans:main",
     "tempeh-register-sequence": "tempeh.cli.register_sequence:main",
     "tempeh-visualize": "tempeh.cli.visualize:main",

@@ -1,3 +1,3 @@
-from tempeh.cli.train import main
+from tempeh.cli.train import run
 
-raise SystemExit(main())
+run()

@@ -91,5 +91,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 3 if interrupted else 0
 
 
+def run() -> None:
+    """Command-line entry: :func:`main`, then exit (a torchrun worker skips the interpreter's
+    finalisation, see :func:`tempeh.engine.distributed.exit_process`)."""
+    from tempeh.engine.distributed import exit_process
+
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run()
