@@ -51,8 +51,8 @@ ranges of them, the numba kernel releasing the GIL):
 * Optionally (``with_closest``) the closest point on the winning triangle, from the same 4
   candidates: its barycentric weights and ``p - q``; ``point_to_surface`` differentiates with
   them instead of re-solving the point-triangle problem in torch, its backward scattering the
-  gradients in numba (:func:`envelope_grads`; ~3-4 ms less than torch's gather/``index_add_``
-  for 20k points on the 2-core machine).
+  gradients in numba (:func:`envelope_grads`; 2-4 ms less per 20k-point forward + backward
+  than torch's gather/``index_add_``, in interleaved runs on the 2-core machine).
 * Ties (equidistant triangles, e.g. a closest point on a shared edge) return one of them.
 
 Buffers: :func:`closest_faces_grid` builds into per-thread work arrays kept between calls
@@ -65,7 +65,8 @@ development machine); ``cache=True`` stores the machine code in ``__pycache__`` 
 The small per-triangle and per-cell helpers are inlined at numba IR level
 (``inline="always"``): measured ~12 % less query time than leaving the calls to LLVM, for a
 slower first compile. On the 2-core machine, 20k points within a few mm of the FLAME template
-(9976 faces) cost ~1.2 us of CPU per point (libigl: ~5), build ~2 ms.
+(9976 faces) cost ~1.2-1.4 us of CPU per point on one thread; build ~2 ms. The geometry
+benchmark's query (incl. build, 2 threads) took 17-21 ms against libigl's 49-59 ms.
 
 Threads: :mod:`tempeh.geometry._threads` (a plain Python pool, dynamically claimed ranges).
 ``numba.prange`` was measured to slow torch's CPU kernels in the same process (exact torch part
