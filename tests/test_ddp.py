@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from tempeh.config import load_config
@@ -66,7 +67,7 @@ def test_two_process_gloo_matches_single_process(capture, cfg_dir, tmp_path):  #
     assert abs(val[-1]["reg_v2v_mean_mm"] - res["val"]["reg_v2v_mean_mm"]) < 1e-2
 
 
-def test_exit_process_flushes_and_keeps_the_code():
+def test_exit_process_flushes_and_keeps_the_code(monkeypatch):
     """A torchrun worker leaves with os._exit after flushing (no interpreter finalisation); a
     single process raises SystemExit. Both keep the exit code and the buffered output."""
     from tempeh.engine.distributed import exit_process
@@ -79,14 +80,7 @@ def test_exit_process_flushes_and_keeps_the_code():
         proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 3, (world, proc.stderr)
         assert proc.stdout == "done" and "logged" in proc.stderr, (world, proc.stdout, proc.stderr)
-    env_world = os.environ.pop("WORLD_SIZE", None)
-    try:
-        try:
-            exit_process(4)
-        except SystemExit as exc:
-            assert exc.code == 4
-        else:
-            raise AssertionError("exit_process returned")
-    finally:
-        if env_world is not None:
-            os.environ["WORLD_SIZE"] = env_world
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(SystemExit) as exc:
+        exit_process(4)
+    assert exc.value.code == 4

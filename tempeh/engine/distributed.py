@@ -66,6 +66,11 @@ def resolve_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
     raise ValueError(f"unknown device {spec!r} (auto, cpu, cuda, cuda:N)")
 
 
+def _env_world_size() -> int:
+    """``WORLD_SIZE`` set by torchrun (1 without it)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistInfo:
     """Initialise ``torch.distributed`` from the torchrun environment; no-op without it.
 
@@ -74,7 +79,7 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistInf
     Returns:
         :class:`DistInfo`.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = _env_world_size()
     if world <= 1:
         return DistInfo()
     rank = int(os.environ["RANK"])
@@ -107,7 +112,7 @@ def exit_process(code: int) -> None:
     streams and leaves with ``os._exit``, which runs no finalisers. A single process exits
     normally.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if _env_world_size() > 1:
         logging.shutdown()
         for stream in (sys.stdout, sys.stderr):
             try:
