@@ -161,7 +161,7 @@ def _ear_weight(q: np.ndarray, side: float) -> Tuple[np.ndarray, np.ndarray]:
 def _feature_displacement(q: np.ndarray, phi: np.ndarray,
                           phi_mouth: float, y_mouth: float) -> np.ndarray:
     """Radial displacement (mm) of the features at base-surface points ``q`` (..., 3)."""
-    x, y, z = q[..., 0], q[..., 1], q[..., 2]
+    x, y = q[..., 0], q[..., 1]
     ax = np.abs(x)
     front = _front_gate(q)
     d = np.zeros(q.shape[:-1])
