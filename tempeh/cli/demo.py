@@ -62,10 +62,10 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--fresh", action="store_true", help="delete --out and redo every phase")
     p.add_argument("--config", type=Path, default=None,
                    help="folder of <stage>.yaml training configs (default: configs/demo_cpu)")
-    # 240 frames in all. More subjects with fewer sequences each generalise better to held-out
-    # subjects at the same cost (session 5, one run each: 40 x 6 -> scan-to-mesh 2.65 mm, vertex
-    # error 12.3 mm; 80 x 3 -> 2.29 / 10.0 mm; 240 x 1 -> 2.25 / 10.2 mm, on each run's own
-    # held-out subjects).
+    # 240 frames in all; more subjects with fewer sequences each, at the same cost (session 5, one
+    # run each, on each run's own held-out subjects: 40 x 6 -> test scan-to-mesh 2.65 mm, vertex
+    # error 12.3 mm; 80 x 3 -> 2.29 / 10.0 mm; 240 x 1 -> 2.25 / 10.2 mm; validation vertex error
+    # 9.3 / 9.5 / 11.0 mm: see the README).
     p.add_argument("--subjects", type=int, default=80, help="synthetic subjects (split 60/20/20)")
     # one frame per sequence: consecutive frames of a sequence barely differ in pose, and the
     # coarse stage's pose estimate needs as many distinct poses as the budget allows
