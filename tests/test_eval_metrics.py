@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import trimesh
 
-from tempeh.eval.metrics import (ScanToMesh, cumulative_error_curve, jitter, scan_to_mesh,
-                                 second_differences, summary, v2v_error)
+from tempeh.eval.metrics import (ScanToMesh, cumulative_error_curve, jitter, pose_split,
+                                 scan_to_mesh, second_differences, summary, v2v_error)
 from tempeh.eval.plots import error_colors, plot_cumulative_error
 from tempeh.io.templates import load_template
 
@@ -156,6 +156,40 @@ def test_v2v_error(rng):
     with pytest.raises(ValueError, match="vertex count"):
         v2v_error(gt, gt[:5])
 
+
+
+def test_pose_split_analytic(rng):
+    """A known similarity of a shape plus a known residual; rotation from scipy's Rotation."""
+    from scipy.spatial.transform import Rotation
+
+    gt = rng.normal(0.0, 60.0, size=(500, 3)) + np.array([10.0, -40.0, 900.0])
+    rot = Rotation.from_rotvec(np.radians(7.5) * np.array([0.3, 0.9, -0.2]) / np.linalg.norm([0.3, 0.9, -0.2]))
+    c = gt.mean(0)
+    t = np.array([3.0, -4.0, 12.0])
+    # pred = rotate gt about its centroid, then translate: the rigid fit pred -> gt undoes it
+    pred = (gt - c) @ rot.as_matrix().T + c + t
+    ps = pose_split(pred, gt)
+    assert ps.rotation_deg == pytest.approx(rot.magnitude() * 180 / np.pi, abs=1e-9)
+    assert ps.rotation_deg == pytest.approx(7.5, abs=1e-9)
+    assert ps.centroid_mm == pytest.approx(13.0, abs=1e-9)  # |(3, -4, 12)|
+    assert ps.scale == pytest.approx(1.0, abs=1e-12)
+    assert ps.residual_median_mm == pytest.approx(0.0, abs=1e-9)
+    # a prediction 10 % too small about its centroid: scale 1.1 restores it, no rotation
+    ps = pose_split((gt - c) / 1.1 + c, gt)
+    assert ps.scale == pytest.approx(1.1, rel=1e-12)
+    assert ps.rotation_deg == pytest.approx(0.0, abs=1e-6)
+    assert ps.centroid_mm == pytest.approx(0.0, abs=1e-9)
+    # shape noise is what remains after the similarity fit (naive float64 reference)
+    noise = rng.normal(0.0, 2.0, size=gt.shape)
+    ps = pose_split(gt + noise, gt)
+    A = gt + noise
+    ref = np.median(np.linalg.norm(A - gt, axis=1))
+    assert 0.0 < ps.residual_median_mm <= ref + 1e-9  # the least-squares fit only removes error
+    assert ps.residual_median_mm == pytest.approx(ref, rel=0.05)
+    with pytest.raises(ValueError, match="vertex count"):
+        pose_split(gt, gt[:10])
+    with pytest.raises(ValueError):
+        pose_split(np.zeros((10, 3)), gt[:10])  # collapsed prediction
 
 def test_jitter_constant_velocity_is_zero(rng):
     x0, vel = rng.normal(size=(4, 3)) * 50, rng.normal(size=(4, 3))

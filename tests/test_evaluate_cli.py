@@ -117,6 +117,12 @@ def test_prediction_equal_to_truth(capture, tmp_path, capsys):
     assert m["v2v_gt_mm"]["count"] == 3 * N * N
     assert m["jitter_mm"] == pytest.approx(0.0, abs=1e-5)
     assert m["jitter_gt_mm"] == pytest.approx(0.0, abs=1e-5)
+    ps = m["pose_split_median"]
+    assert ps["rotation_deg"] == pytest.approx(0.0, abs=1e-3)
+    assert ps["centroid_mm"] == pytest.approx(0.0, abs=1e-6)
+    assert ps["scale"] == pytest.approx(1.0, abs=1e-9)
+    assert ps["residual_median_mm"] == pytest.approx(0.0, abs=1e-6)
+    assert m["counts"]["frames_with_pose_split"] == 3
     want = _expected_regions(lay)
     for key, d in want.items():
         got, ref = m["scan_to_mesh_mm"][key], summary(d)

@@ -19,7 +19,10 @@ capture ``--data``). Per frame:
   point is assigned to the template vertex nearest to it among the corners of its closest face,
   and counts in every region (``--regions``, from ``<data>/template/regions.npz`` or
   ``--template``) holding that vertex, see :mod:`tempeh.eval.metrics`;
-* v2v: the per-vertex error to ``gt_meshes/`` when the frame has a true mesh;
+* v2v: the per-vertex error to ``gt_meshes/`` when the frame has a true mesh, and its split
+  into pose and shape (:func:`tempeh.eval.metrics.pose_split`: rotation and centroid error of
+  the rigid fit to the true mesh, scale and residual of the similarity fit), reported per frame
+  and as medians over frames;
 * jitter: the mean norm of the second difference of the predicted vertices over consecutive
   listed frames of a sequence (frames ordered by number), when a sequence has >= 3 of them.
 
@@ -39,7 +42,7 @@ from __future__ import annotations
 import argparse
 import logging
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -48,8 +51,8 @@ from tqdm import tqdm
 
 from tempeh.cli.common import parse_cli
 from tempeh.errors import TempehDataError
-from tempeh.eval.metrics import (REPORT_REGIONS, cumulative_error_curve, scan_to_mesh,
-                                 second_differences, summary, v2v_error)
+from tempeh.eval.metrics import (REPORT_REGIONS, PoseSplit, cumulative_error_curve, pose_split,
+                                 scan_to_mesh, second_differences, summary, v2v_error)
 from tempeh.eval.plots import HEATMAP_MAX_MM, error_colors, plot_cumulative_error
 from tempeh.eval.report import (compare_table, load_metrics, region_table, stats_columns,
                                 write_csv, write_json)
@@ -86,6 +89,7 @@ class _Frame:
     scan_points: int = 0
     v2v: Optional[np.ndarray] = None
     gt_verts: Optional[np.ndarray] = None
+    pose: Optional[PoseSplit] = None
 
 
 def _evaluate_frame(fid: FrameId, args, layout: CaptureLayout, template: Optional[Template],
@@ -119,6 +123,10 @@ def _evaluate_frame(fid: FrameId, args, layout: CaptureLayout, template: Optiona
             raise TempehDataError(path, f"prediction has {verts.shape[0]} vertices but the true "
                                         f"mesh {gt} has {gv.shape[0]}")
         out.v2v, out.gt_verts = v2v_error(verts, gv), gv
+        try:
+            out.pose = pose_split(verts, gv)
+        except ValueError as err:  # a degenerate (e.g. collapsed) prediction: v2v still counts
+            logger.warning("%s: no pose split (%s)", path, err)
     return out
 
 
@@ -200,6 +208,8 @@ def evaluate(args) -> int:
             row.update(stats_columns(f"s2m_{r}", summary(fr.region_dists[r])
                                      if fr.scan is not None else None))
         row.update(stats_columns("v2v", summary(fr.v2v) if fr.v2v is not None else None))
+        if fr.pose is not None:
+            row.update({f"pose_{k}": round(v, 6) for k, v in asdict(fr.pose).items()})
         rows.append(row)
 
     pooled = {r: np.concatenate([fr.region_dists[r] for fr in done if fr.scan is not None]
@@ -208,6 +218,10 @@ def evaluate(args) -> int:
     with_gt = [fr for fr in done if fr.v2v is not None]
     if with_gt:
         metrics["v2v_gt_mm"] = summary(np.concatenate([fr.v2v for fr in with_gt]))
+    with_pose = [fr.pose for fr in with_gt if fr.pose is not None]
+    if with_pose:
+        metrics["pose_split_median"] = {k: float(np.median([getattr(p, k) for p in with_pose]))
+                                        for k in PoseSplit.__dataclass_fields__}
     jit, jit_gt, per_seq = _jitter(done)
     if jit is not None:
         metrics["jitter_mm"] = jit
@@ -223,7 +237,8 @@ def evaluate(args) -> int:
         "frames_listed": len(frames), "frames_evaluated": len(done),
         "frames_missing": len(missing), "frames_failed": len(failed),
         "frames_with_scan": sum(fr.scan is not None for fr in done),
-        "frames_with_gt": len(with_gt), "scan_points": int(pooled["all"].size),
+        "frames_with_gt": len(with_gt), "frames_with_pose_split": len(with_pose),
+        "scan_points": int(pooled["all"].size),
     }
     metrics["frames"] = [str(fr.fid) for fr in done]
     metrics["missing"] = [str(f) for f in missing]
@@ -244,7 +259,8 @@ def evaluate(args) -> int:
     args.wrote_metrics = True
     csv_cols = (["subject", "sequence", "frame", "status", "pred", "scan", "scan_points"]
                 + [f"s2m_{r}_{k}" for r in region_names for k in ("median", "mean", "std", "count")]
-                + [f"v2v_{k}" for k in ("median", "mean", "std", "count")] + ["error"])
+                + [f"v2v_{k}" for k in ("median", "mean", "std", "count")]
+                + [f"pose_{k}" for k in PoseSplit.__dataclass_fields__] + ["error"])
     write_csv(out / "per_frame.csv", rows, csv_cols)
     plot_cumulative_error(out / "cumulative_error.png",
                           {f"{r} (median {np.median(pooled[r]):.3f} mm)": c
@@ -252,6 +268,11 @@ def evaluate(args) -> int:
 
     print(f"## Scan-to-mesh error ({len(done)} frames, {pooled['all'].size} scan points)\n")
     print(region_table(metrics))
+    if with_pose:
+        ps = metrics["pose_split_median"]
+        print(f"\nvertex error split (medians over {len(with_pose)} frames): rotation "
+              f"{ps['rotation_deg']:.2f} deg, centroid {ps['centroid_mm']:.2f} mm, scale "
+              f"{ps['scale']:.4f}, residual after similarity {ps['residual_median_mm']:.2f} mm")
     if jit is not None:
         print(f"\njitter: {jit:.4f} mm" + (f" (true meshes: {jit_gt:.4f} mm)" if jit_gt is not None else ""))
     for fid in missing:

@@ -41,6 +41,8 @@ __all__ = [
     "summary",
     "cumulative_error_curve",
     "v2v_error",
+    "PoseSplit",
+    "pose_split",
     "jitter",
     "second_differences",
 ]
@@ -190,6 +192,46 @@ def v2v_error(pred, gt) -> np.ndarray:
     if a.shape != b.shape:
         raise ValueError(f"v2v_error: pred {a.shape} and gt {b.shape} differ in vertex count")
     return np.linalg.norm(a - b, axis=1)
+
+
+@dataclass
+class PoseSplit:
+    """A prediction's difference from the true mesh, split into pose and shape (one frame).
+
+    rotation_deg: angle of the rotation of the least-squares rigid fit prediction -> truth, deg.
+    centroid_mm: distance between the vertex centroids, mm.
+    scale: isotropic scale of the least-squares similarity fit prediction -> truth (1 = same size).
+    residual_median_mm: median per-vertex error after that similarity fit, mm: the shape error
+        that no pose or size change removes.
+    """
+
+    rotation_deg: float
+    centroid_mm: float
+    scale: float
+    residual_median_mm: float
+
+
+def pose_split(pred, gt) -> PoseSplit:
+    """Split the vertex error of ``pred`` against ``gt`` into pose and shape (:class:`PoseSplit`).
+
+    Args:
+        pred: ``(N, 3)`` predicted vertices, mm; gt: ``(N, 3)`` true vertices in the same
+            topology and frame, mm (N >= 3, not collinear).
+    """
+    from tempeh.fitting.rigid import similarity_from_correspondences
+
+    a, b = _as_points(pred, "pred"), _as_points(gt, "gt")
+    if a.shape != b.shape:
+        raise ValueError(f"pose_split: pred {a.shape} and gt {b.shape} differ in vertex count")
+    R = similarity_from_correspondences(a, b, with_scale=False).R
+    # angle from atan2(sin, cos): accurate near 0 and 180 deg, where arccos of the trace is not
+    sin = 0.5 * np.linalg.norm([R[2, 1] - R[1, 2], R[0, 2] - R[2, 0], R[1, 0] - R[0, 1]])
+    cos = 0.5 * (np.trace(R) - 1.0)
+    sim = similarity_from_correspondences(a, b, with_scale=True)
+    res = np.linalg.norm(sim.apply(a) - b, axis=1)
+    return PoseSplit(rotation_deg=float(np.degrees(np.arctan2(sin, cos))),
+                     centroid_mm=float(np.linalg.norm(a.mean(0) - b.mean(0))),
+                     scale=float(sim.scale), residual_median_mm=float(np.median(res)))
 
 
 def second_differences(seq) -> np.ndarray:
