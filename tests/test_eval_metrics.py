@@ -157,7 +157,6 @@ def test_v2v_error(rng):
         v2v_error(gt, gt[:5])
 
 
-
 def test_pose_split_analytic(rng):
     """A known similarity of a shape plus a known residual; rotation from scipy's Rotation."""
     from scipy.spatial.transform import Rotation

@@ -248,6 +248,8 @@ def evaluate(args) -> int:
         "list": str(args.list), "template": (template.name if template else None),
         "template_regions": {r: int(template.regions[r].size) for r in regions} if template else {},
         "max_points": args.max_points, "seed": args.seed, "alignment": "none",
+        "pose_split": "diagnostic only: least-squares rigid and similarity fits of each "
+                      "prediction to its true mesh; the scores above are unaligned",
         "statistics": "pooled over all scan points (vertices for v2v) of all evaluated frames; "
                       "std is the population std",
         "region_assignment": "nearest corner of the closest predicted face; overlapping "

@@ -1,8 +1,9 @@
 """Evaluation metrics: scan->mesh distance per head region, summaries, cumulative error
-curves, vertex error to a true mesh and temporal jitter.
+curves, vertex error to a true mesh (and its pose / shape split) and temporal jitter.
 
 All inputs and outputs are millimetres in one world frame; no alignment of any kind (rigid,
-similarity, landmark) is applied: a prediction is scored where it was predicted.
+similarity, landmark) is applied: a prediction is scored where it was predicted. The one fit is
+in :func:`pose_split`, a diagnostic that splits an (unaligned) vertex error into pose and shape.
 
 **Scan->mesh distance** (the paper's reconstruction error, Sec. 4 "Quantitative evaluation"):
 for every scan point ``p`` the exact unsigned Euclidean distance to the closest point ON the
