@@ -178,13 +178,20 @@ def test_pose_split_analytic(rng):
     assert ps.scale == pytest.approx(1.1, rel=1e-12)
     assert ps.rotation_deg == pytest.approx(0.0, abs=1e-6)
     assert ps.centroid_mm == pytest.approx(0.0, abs=1e-9)
-    # shape noise is what remains after the similarity fit (naive float64 reference)
-    noise = rng.normal(0.0, 2.0, size=gt.shape)
-    ps = pose_split(gt + noise, gt)
-    A = gt + noise
-    ref = np.median(np.linalg.norm(A - gt, axis=1))
-    assert 0.0 < ps.residual_median_mm <= ref + 1e-9  # the least-squares fit only removes error
-    assert ps.residual_median_mm == pytest.approx(ref, rel=0.05)
+    # everything at once, against an independent fit: scipy's align_vectors (Kabsch) on the
+    # centred points, the least-squares scale, the median residual in float64
+    noisy = (gt - c) @ rot.as_matrix().T / 1.05 + c + t + rng.normal(0.0, 2.0, size=gt.shape)
+    ps = pose_split(noisy, gt)
+    a0, b0 = noisy - noisy.mean(0), gt - gt.mean(0)
+    ref_rot, _ = Rotation.align_vectors(b0, a0)
+    ra0 = ref_rot.apply(a0)
+    s_ref = (ra0 * b0).sum() / (a0 * a0).sum()
+    res_ref = np.median(np.linalg.norm(s_ref * ra0 + gt.mean(0) - gt, axis=1))
+    assert ps.rotation_deg == pytest.approx(np.degrees(ref_rot.magnitude()), abs=1e-8)
+    assert ps.scale == pytest.approx(s_ref, rel=1e-10)
+    assert ps.residual_median_mm == pytest.approx(res_ref, rel=1e-10)
+    assert ps.centroid_mm == pytest.approx(np.linalg.norm(noisy.mean(0) - gt.mean(0)), abs=1e-9)
+    assert ps.residual_median_mm > 1.0  # the noise (sigma 2 mm) is not fitted away
     with pytest.raises(ValueError, match="vertex count"):
         pose_split(gt, gt[:10])
     with pytest.raises(ValueError):
