@@ -217,3 +217,79 @@ def test_template_prior_places_the_template_in_the_initial_box(scene):
     # without the prior nothing changes: no buffers, same state-dict keys
     plain = CoarseModel(CoarseConfig.tiny(num_verts=N))
     assert set(plain.state_dict()) == set(model.state_dict())
+
+
+def _posed_template_model(N, **overrides):
+    """An untrained model with the template prior and zero head weights: it predicts the template
+    placed in whatever box its grid has (see the test above)."""
+    g = torch.Generator().manual_seed(5)
+    tv = (torch.rand(N, 3, generator=g) - 0.5) * torch.tensor([100.0, 120.0, 90.0])
+    base = dict(num_verts=N, grid_spacing_mm=60.0, localizer_init_extent_mm=330.0,
+                localizer_max_scale=0.95, template_prior_sigma_mm=28.0, random_grid_rotation=False,
+                grid_center_mm=(5.0, -10.0, 20.0))
+    base.update(overrides)
+    model = CoarseModel(CoarseConfig.tiny(**base), tv)
+    with torch.no_grad():
+        model.head.weight.zero_()
+    return model, tv.double()
+
+
+def test_rebox_predicts_again_in_the_similarity_box_of_the_first_prediction(scene):
+    """A localizer box with anisotropic scale and a rotation poses the template anisotropically;
+    one re-box pass puts the template in the least-squares similarity box of that prediction
+    (reference: the numpy Umeyama fit of the template to it)."""
+    from tempeh.fitting.rigid import similarity_from_correspondences
+    N = 40
+    model, tv = _posed_template_model(N)
+    model.eval()
+    with torch.no_grad():
+        p = torch.tensor([0.62, 0.75, 0.70]) / 0.95
+        model.localizer.out.bias[0:3] = torch.log(p / (1 - p))
+        c, s_ = np.cos(0.3), np.sin(0.3)
+        model.localizer.out.bias[3:9] = torch.tensor([c, 0, s_, 0, 1.0, 0])  # rows of R_y(0.3)
+        model.localizer.out.bias[9:12] = torch.atanh(torch.tensor([12.0, -6.0, 3.0]) / 387.5)
+    imgs, cams = batch_of(scene, 1)
+    with torch.no_grad():
+        first = model(imgs, cams).verts[0].double().numpy()
+        model.cfg.rebox_iterations = 1
+        second = model(imgs, cams).verts[0].double().numpy()
+    sim = similarity_from_correspondences(tv.numpy(), first)
+    expect = sim.apply(tv.numpy())
+    assert np.abs(first - expect).max() > 5.0  # the first box is not a similarity of the template
+    np.testing.assert_allclose(second, expect, atol=1.0)  # mm; prior discretisation only
+
+
+def test_box_jitter_trains_the_unet_in_the_template_box_of_the_target(scene):
+    """Training with box_jitter_prob = 1 and no jitter: the grid (with random grid rotation on) is
+    the template's similarity box on the target, so the untrained model predicts the target when
+    it is a similarity of the template; with jitter the box moves reproducibly per generator."""
+    from scipy.spatial.transform import Rotation
+    N = 40
+    model, tv = _posed_template_model(N, random_grid_rotation=True, box_jitter_prob=1.0,
+                                      box_jitter_rot_deg=0.0, box_jitter_trans_mm=0.0,
+                                      box_jitter_log_scale=0.0)
+    model.train()
+    R = torch.from_numpy(Rotation.from_euler("yxz", [25, -10, 8], degrees=True).as_matrix())
+    target = (1.1 * tv @ R.T + torch.tensor([15.0, -30.0, 10.0], dtype=F64)).float()[None].expand(2, -1, -1)
+    imgs, cams = batch_of(scene, 2)
+    with torch.no_grad():
+        out = model(imgs, cams, generator=torch.Generator().manual_seed(0), pose_target=target)
+        assert float((out.grid_rotation[0] - torch.eye(3)).abs().max()) > 0.1  # a rotated grid0
+        np.testing.assert_allclose(out.verts.numpy(), target.numpy(), atol=1.2)  # 1.1 x prior error
+        plain = model(imgs, cams, generator=torch.Generator().manual_seed(0))
+        assert float((plain.verts - target).norm(dim=-1).median()) > 10.0  # localizer's box
+        model.cfg.box_jitter_rot_deg, model.cfg.box_jitter_trans_mm = 3.0, 3.0
+        a = model(imgs, cams, generator=torch.Generator().manual_seed(1), pose_target=target).verts
+        b = model(imgs, cams, generator=torch.Generator().manual_seed(1), pose_target=target).verts
+        torch.testing.assert_close(a, b)
+        shift = (a - target).norm(dim=-1).mean(-1)
+        assert bool((shift > 1.0).all()) and bool((shift < 25.0).all()), shift
+        model.cfg.box_jitter_prob = 0.0  # never: the localizer's box, as without a target
+        c = model(imgs, cams, generator=torch.Generator().manual_seed(0), pose_target=target).verts
+        torch.testing.assert_close(c, plain.verts)
+        model.eval()  # eval ignores the target
+        torch.testing.assert_close(model(imgs, cams, pose_target=target).verts, model(imgs, cams).verts)
+    with pytest.raises(ValueError, match="template_prior_sigma_mm"):
+        CoarseConfig.tiny(rebox_iterations=1)
+    with pytest.raises(ValueError, match="box_jitter_prob"):
+        CoarseConfig.tiny(box_jitter_prob=1.5, template_prior_sigma_mm=10.0)

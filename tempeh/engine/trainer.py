@@ -112,9 +112,9 @@ class _Predictor(nn.Module):
         self.kind = kind
         self.with_posed = with_posed
 
-    def forward(self, images, cameras, coarse_verts=None, generator=None):
+    def forward(self, images, cameras, coarse_verts=None, generator=None, pose_target=None):
         if self.kind == "coarse":
-            out = self.model(images, cameras, generator=generator)
+            out = self.model(images, cameras, generator=generator, pose_target=pose_target)
             if self.with_posed:
                 return torch.cat([out.verts, out.template_posed], dim=1)
             return out.verts
@@ -426,7 +426,8 @@ class Trainer:
         net = (self.ddp if (train and self.ddp is not None) else self.predictor)
         with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.amp):
             out = net(batch.images, batch.cameras, batch.coarse_verts if self.kind == "refine" else None,
-                      generator=self.generator if train else None)
+                      generator=self.generator if train else None,
+                      pose_target=batch.registration if (train and self.kind == "coarse") else None)
         out = out.float()
         if self.predictor.with_posed:
             n = out.shape[1] // 2

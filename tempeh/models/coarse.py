@@ -9,12 +9,15 @@ Pipeline (shapes for ``B`` samples, ``V`` views, grid side ``D``, ``d_f`` featur
     --sample_views + fuse_mean_var--> (B, 2 d_f, D, D, D) --UNet3D--> (B, F, D, D, D)
     --SoftArgmaxHead (softmax over the D^3 points, expectation of the localised grid)-->
     verts (B, N, 3) world mm
+    [rebox_iterations > 0, eval: similarity fit of the template to verts -> new box -> fusion,
+     U-Net and head again, k times]
 
 Feature maps are at the input image resolution, so ``cameras`` must describe the images given.
 """
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -23,9 +26,10 @@ import torch.nn as nn
 from torch import Tensor
 
 from tempeh.cameras import Cameras
-from tempeh.geometry.rotations import random_rotations
+from tempeh.geometry.rotations import axis_angle_to_matrix, random_rotations
+from tempeh.geometry.similarity import fit_similarity
 from tempeh.models.feature_net import FeatureNetConfig
-from tempeh.models.localizer import Localizer, LocalizerOutput, warp_grid
+from tempeh.models.localizer import Localizer, LocalizerOutput, similarity_box, warp_grid
 from tempeh.models.soft_argmax import HEAD_MODES, SoftArgmaxHead, gaussian_log_prior
 from tempeh.models.unet3d import UNet3D
 from tempeh.models.volume import FUSION_MODES, fuse_mean_var, grid_offsets, make_grid, sample_views
@@ -98,10 +102,37 @@ class CoarseConfig(FeatureNetConfig):
     by the localizer, the localizer learns the head's pose from the vertex loss directly and the
     U-Net learns residuals. Needs the template (``CoarseModel(cfg, template_verts)``); keep
     ``random_grid_rotation`` off with it, else the localizer must also undo random rotations."""
+    rebox_iterations: int = 0
+    """0 (paper): one prediction in the localizer's box. k > 0 (beyond the paper; needs the template
+    prior): in eval, fit the template (the prior's means) to the prediction by a similarity, put the
+    grid and the prior in that box and predict again, k times. Each pass costs a fusion, a U-Net
+    and a head; the feature net runs once."""
+    box_jitter_prob: float = 0.0
+    """Training, per sample: probability that the U-Net pass uses the box of the similarity fit of
+    the template to the training registration, jittered as below, instead of the localizer's box,
+    so the U-Net also learns the near-aligned boxes that ``rebox_iterations`` gives it. Needs the
+    template prior and a registration (``pose_target``); frames without one keep the localizer's
+    box. The localizer is trained as before (``loss.w_box``)."""
+    box_jitter_rot_deg: float = 3.0
+    """Standard deviation, degrees, of each axis-angle component of the jitter rotation."""
+    box_jitter_trans_mm: float = 3.0
+    """Standard deviation, mm, of each component of the jitter translation."""
+    box_jitter_log_scale: float = 0.02
+    """Standard deviation of the log of the jitter scale factor."""
 
     def __post_init__(self):
         if self.head_mode not in HEAD_MODES:
             raise ValueError(f"CoarseConfig.head_mode: {self.head_mode!r} not in {HEAD_MODES}")
+        if self.rebox_iterations < 0:
+            raise ValueError(f"CoarseConfig.rebox_iterations must be >= 0, got {self.rebox_iterations}")
+        if not 0.0 <= self.box_jitter_prob <= 1.0:
+            raise ValueError(f"CoarseConfig.box_jitter_prob must lie in [0, 1], got {self.box_jitter_prob}")
+        for k in ("box_jitter_rot_deg", "box_jitter_trans_mm", "box_jitter_log_scale"):
+            if not getattr(self, k) >= 0:
+                raise ValueError(f"CoarseConfig.{k} must be >= 0, got {getattr(self, k)}")
+        if (self.rebox_iterations > 0 or self.box_jitter_prob > 0) and not self.template_prior_sigma_mm > 0:
+            raise ValueError("CoarseConfig: rebox_iterations and box_jitter_prob place the template "
+                             "in the box; they need template_prior_sigma_mm > 0")
 
     @classmethod
     def paper_scale(cls, **overrides) -> "CoarseConfig":
@@ -222,16 +253,58 @@ class CoarseModel(nn.Module):
         sampled, valid = sample_views(feats, cameras, grid.reshape(B, -1, 3))
         return fuse_mean_var(sampled, valid, self.cfg.fusion).reshape(B, -1, D, D, D)
 
+    def _predict(self, feats: Tensor, cams: Cameras, center: Tensor, box: LocalizerOutput,
+                 grid_rotation: Optional[Tensor], prior: Tuple[Tensor, ...]) -> Tuple[Tensor, Tensor]:
+        """One pass in a given box: ``(verts (B, N, 3), grid (B, D, D, D, 3))`` world mm."""
+        cfg = self.cfg
+        offsets = grid_offsets(cfg.grid_side, cfg.grid_spacing_mm, dtype=feats.dtype, device=feats.device)
+        grid = warp_grid(offsets, box, center, grid_rotation)
+        return self.head(self.unet(self._fused(feats, cams, grid)), grid, *prior), grid
+
+    def _template_box(self, target: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """Similarity ``(s (B,), R (B, 3, 3), t (B, 3) mm)`` placing the template prior's means on
+        ``target (B, N, 3)`` world mm (least squares)."""
+        B = target.shape[0]
+        q = self.prior_means_mm.to(dtype=target.dtype, device=target.device).expand(B, -1, -1)
+        return fit_similarity(q, target)
+
+    def _jittered_boxes(self, loc: LocalizerOutput, R_g: Tensor, target: Tensor, center: Tensor,
+                        generator: Optional[torch.Generator]) -> LocalizerOutput:
+        """Per sample, with probability ``box_jitter_prob``: the template's similarity box on
+        ``target``, jittered, expressed in the initial grid's frame ``R_g``; else ``loc``."""
+        cfg = self.cfg
+        B, dtype, device = target.shape[0], loc.scale.dtype, loc.scale.device
+        gen_device = generator.device if generator is not None else device
+        noise = torch.randn(B, 7, generator=generator, dtype=torch.float64, device=gen_device).to(device)
+        pick = torch.rand(B, generator=generator, dtype=torch.float64, device=gen_device).to(device)
+        s, R, t = self._template_box(target.detach().to(dtype))
+        dR = axis_angle_to_matrix(noise[:, 0:3] * math.radians(cfg.box_jitter_rot_deg)).to(dtype)
+        s = s * torch.exp(noise[:, 3] * cfg.box_jitter_log_scale).to(dtype)
+        t = t + (noise[:, 4:7] * cfg.box_jitter_trans_mm).to(dtype)
+        box = similarity_box(s, dR @ R, t, center)
+        Rgt = R_g.transpose(1, 2)  # into the initial grid's frame: p = o + R_g (M d + t')
+        use = (pick < cfg.box_jitter_prob)
+        return LocalizerOutput(
+            torch.where(use[:, None], box.scale, loc.scale),
+            torch.where(use[:, None, None], Rgt @ box.rotation, loc.rotation),
+            torch.where(use[:, None], (Rgt @ box.translation.unsqueeze(-1)).squeeze(-1), loc.translation))
+
     def forward(self, images: Tensor, cameras: Cameras,
-                generator: Optional[torch.Generator] = None) -> CoarseOutput:
+                generator: Optional[torch.Generator] = None,
+                pose_target: Optional[Tensor] = None) -> CoarseOutput:
         """Predict coarse vertices.
 
         Args:
             images: ``(B, V, image_channels, H, W)`` in [0, 1].
             cameras: :class:`Cameras` of batch shape ``(B, V)`` for these ``W x H`` images.
-            generator: drives the random grid rotation in training (reproducible runs).
+            generator: drives the random grid rotation and the box jitter in training
+                (reproducible runs).
+            pose_target: ``(B, N, 3)`` world mm, the training registrations; used only in training
+                with ``box_jitter_prob > 0`` (ignored in eval).
         Returns:
-            :class:`CoarseOutput`; ``verts (B, N, 3)`` world mm.
+            :class:`CoarseOutput`; ``verts (B, N, 3)`` world mm. ``localizer`` and
+            ``template_posed`` are the localizer's box whatever pass produced ``verts``; ``grid``
+            is the last pass's.
         """
         if images.dim() != 5:
             raise ValueError(f"CoarseModel: images must be (B, V, C, H, W), got {tuple(images.shape)}")
@@ -247,15 +320,23 @@ class CoarseModel(nn.Module):
             R_g = torch.eye(3, dtype=dtype, device=device).expand(B, 3, 3)
         grid0 = make_grid(cfg.grid_side, cfg.grid_spacing_mm, center, R_g)
         loc = self.localizer(self._fused(feats, cams, grid0))
-        offsets = grid_offsets(cfg.grid_side, cfg.grid_spacing_mm, dtype=dtype, device=device)
-        grid = warp_grid(offsets, loc, center, R_g)
-        vol = self._fused(feats, cams, grid)
         prior, posed = (), None
         if self.prior_weight is not None:
             prior = (self.prior_weight.to(dtype), self.prior_feats.to(dtype))
             # the prior means in initial-grid offset units, through the same box as the grid
             posed = warp_grid(self.prior_means_mm.to(dtype).view(1, 1, -1, 3), loc, center,
                               R_g).reshape(B, -1, 3)
-        verts = self.head(self.unet(vol), grid, *prior)
+        box = loc
+        if self.training and cfg.box_jitter_prob > 0 and pose_target is not None:
+            if pose_target.shape != (B, cfg.num_verts, 3):
+                raise ValueError(f"CoarseModel: pose_target must be ({B}, {cfg.num_verts}, 3), "
+                                 f"got {tuple(pose_target.shape)}")
+            box = self._jittered_boxes(loc, R_g, pose_target.to(device), center, generator)
+        verts, grid = self._predict(feats, cams, center, box, R_g, prior)
+        if not self.training:
+            for _ in range(cfg.rebox_iterations):
+                verts, grid = self._predict(feats, cams, center,
+                                            similarity_box(*self._template_box(verts), center),
+                                            None, prior)
         return CoarseOutput(verts=verts, localizer=loc, grid=grid, initial_grid=grid0,
                             grid_rotation=R_g, template_posed=posed)

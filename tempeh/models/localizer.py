@@ -38,7 +38,7 @@ from tempeh.models.unet3d import make_norm
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Localizer", "LocalizerOutput", "warp_grid"]
+__all__ = ["Localizer", "LocalizerOutput", "warp_grid", "similarity_box"]
 
 
 @dataclass
@@ -81,6 +81,19 @@ def warp_grid(base_offsets: Tensor, out: LocalizerOutput, center: Tensor,
     else:
         local = torch.einsum("bdhwk,bjk->bdhwj", d0, M)
     return local + (shift + center).view(B, 1, 1, 1, 3)
+
+
+def similarity_box(scale: Tensor, rotation: Tensor, translation: Tensor,
+                   center: Tensor) -> LocalizerOutput:
+    """The box of a similarity ``x -> scale R x + translation`` (world mm) in localizer terms, for
+    an initial grid centred on ``center`` with identity rotation: ``warp_grid`` then maps offsets
+    ``d`` to ``scale R d + translation``.
+
+    Args:
+        scale: ``(B,)`` unitless; rotation: ``(B, 3, 3)``; translation, center: ``(B, 3)`` mm.
+    """
+    B = scale.shape[0]
+    return LocalizerOutput(scale.reshape(B, 1).expand(B, 3), rotation, translation - center)
 
 
 class Localizer(nn.Module):
