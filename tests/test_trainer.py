@@ -196,3 +196,26 @@ def test_localizer_box_loss_is_v2v_of_the_posed_template(capture, cfg_dir, tmp_p
     stats = tr._train_step(batch)
     assert float(stats["loss_box"]) > 0 and "loss_box" in tr.loss_weights
     tr.close()
+
+
+def test_box_jitter_gets_the_registrations_from_the_trainer(capture, cfg_dir, tmp_path):
+    """With model.box_jitter_prob = 1 the training forward puts the grid in the template's box on
+    each frame's registration: the trainer's forward equals the model's with pose_target given, and
+    differs from the model's without it (the localizer's box)."""
+    cfg = tiny_config(capture, cfg_dir, tmp_path, overrides=[
+        "model.template_prior_sigma_mm=40", "model.random_grid_rotation=false",
+        "model.box_jitter_prob=1.0", "run.val_interval=0", "run.iterations=2"])
+    tr = Trainer(cfg, tmp_path / "b")
+    batch = next(iter(tr.loader)).to(tr.device)
+    tr.model.train()
+    state = tr.generator.get_state()
+    with torch.no_grad():
+        pred, _ = tr._forward(batch, train=True)
+        tr.generator.set_state(state)
+        given = tr.model(batch.images, batch.cameras, generator=tr.generator,
+                         pose_target=batch.registration).verts
+        tr.generator.set_state(state)
+        without = tr.model(batch.images, batch.cameras, generator=tr.generator).verts
+    torch.testing.assert_close(pred, given)
+    assert float((pred - without).abs().max()) > 1.0
+    tr.close()
