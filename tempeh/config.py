@@ -690,6 +690,11 @@ def validate_config(cfg: TrainConfig, for_training: bool = False) -> TrainConfig
         need(r.stage == "coarse" and getattr(cfg.model, "template_prior_sigma_mm", 0) > 0,
              "loss.w_box", "needs the coarse stage with model.template_prior_sigma_mm > 0 "
              "(it trains the localizer's posed template)")
+    if r.stage == "coarse" and getattr(cfg.model, "box_jitter_prob", 0) > 0:
+        need(l.w_box > 0, "model.box_jitter_prob",
+             "needs loss.w_box > 0: samples whose grid uses the jittered box train the localizer "
+             "only through the box loss (and a step where every sample does would leave it unused, "
+             "which DDP rejects)")
     need(l.s2m_sigma_mm > 0, "loss.s2m_sigma_mm", f"must be > 0, got {l.s2m_sigma_mm}")
     need(l.s2m_kind in ROBUST_KINDS, "loss.s2m_kind",
          f"expected one of {', '.join(ROBUST_KINDS)}, got {l.s2m_kind!r}")

@@ -202,9 +202,13 @@ def test_box_jitter_gets_the_registrations_from_the_trainer(capture, cfg_dir, tm
     """With model.box_jitter_prob = 1 the training forward puts the grid in the template's box on
     each frame's registration: the trainer's forward equals the model's with pose_target given, and
     differs from the model's without it (the localizer's box)."""
-    cfg = tiny_config(capture, cfg_dir, tmp_path, overrides=[
-        "model.template_prior_sigma_mm=40", "model.random_grid_rotation=false",
-        "model.box_jitter_prob=1.0", "run.val_interval=0", "run.iterations=2"])
+    from tempeh.errors import ConfigError
+
+    ov = ["model.template_prior_sigma_mm=40", "model.random_grid_rotation=false",
+          "model.box_jitter_prob=1.0", "run.val_interval=0", "run.iterations=2"]
+    with pytest.raises(ConfigError, match="loss.w_box > 0"):  # the localizer would get no gradient
+        tiny_config(capture, cfg_dir, tmp_path, overrides=ov)
+    cfg = tiny_config(capture, cfg_dir, tmp_path, overrides=ov + ["loss.w_box=0.5"])
     tr = Trainer(cfg, tmp_path / "b")
     batch = next(iter(tr.loader)).to(tr.device)
     tr.model.train()

@@ -112,7 +112,8 @@ class CoarseConfig(FeatureNetConfig):
     the template to the training registration, jittered as below, instead of the localizer's box,
     so the U-Net also learns the near-aligned boxes that ``rebox_iterations`` gives it. Needs the
     template prior and a registration (``pose_target``); frames without one keep the localizer's
-    box. The localizer is trained as before (``loss.w_box``)."""
+    box. The localizer is trained as before, by ``loss.w_box``, which must then be > 0 (the
+    training config checks it)."""
     box_jitter_rot_deg: float = 3.0
     """Standard deviation, degrees, of each axis-angle component of the jitter rotation."""
     box_jitter_trans_mm: float = 3.0
