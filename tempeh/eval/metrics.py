@@ -224,11 +224,12 @@ def pose_split(pred, gt) -> PoseSplit:
     a, b = _as_points(pred, "pred"), _as_points(gt, "gt")
     if a.shape != b.shape:
         raise ValueError(f"pose_split: pred {a.shape} and gt {b.shape} differ in vertex count")
-    R = similarity_from_correspondences(a, b, with_scale=False).R
+    # one fit: the least-squares rotation does not depend on whether the scale is estimated
+    sim = similarity_from_correspondences(a, b, with_scale=True)
+    R = sim.R
     # angle from atan2(sin, cos): accurate near 0 and 180 deg, where arccos of the trace is not
     sin = 0.5 * np.linalg.norm([R[2, 1] - R[1, 2], R[0, 2] - R[2, 0], R[1, 0] - R[0, 1]])
     cos = 0.5 * (np.trace(R) - 1.0)
-    sim = similarity_from_correspondences(a, b, with_scale=True)
     res = np.linalg.norm(sim.apply(a) - b, axis=1)
     return PoseSplit(rotation_deg=float(np.degrees(np.arctan2(sin, cos))),
                      centroid_mm=float(np.linalg.norm(a.mean(0) - b.mean(0))),
