@@ -95,6 +95,21 @@ def test_files_agree_with_each_other(captures):
         assert np.mean(on > 25) > 0.6 and np.mean(img > 25) < 0.5
 
 
+def test_speckle_size_changes_only_the_images(captures, tmp_path):
+    a = captures[0]
+    d = tmp_path / "d"
+    assert main(["--out", str(d), "--seed", "5", "--speckle-mm", "6"] + TINY) == 0
+    assert json.loads((d / "synthetic.json").read_text())["settings"]["speckle_mm"] == 6.0
+    assert json.loads((a / "synthetic.json").read_text())["settings"]["speckle_mm"] == 2.0
+    ha, hd = _hashes(a), _hashes(d)
+    images = [k for k in hd if k.startswith("images/")]
+    assert images and all(ha[k] != hd[k] for k in images)
+    for k in hd:
+        if k.startswith(("scans/", "gt_meshes/", "registrations/", "calibrations/")):
+            assert ha[k] == hd[k], k
+    assert main(["--out", str(tmp_path / "e"), "--speckle-mm", "0"] + TINY) == 1
+
+
 def test_split_subjects_rules():
     for n in range(1, 12):
         s = split_subjects(n, (0.6, 0.2, 0.2), seed=3)

@@ -40,6 +40,8 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--rig", choices=("paper", "random"), default=d.rig)
     p.add_argument("--image-downsample", type=int, default=d.image_downsample,
                    help="images are written at 1600x1200 / this")
+    p.add_argument("--speckle-mm", type=float, default=d.speckle_mm,
+                   help="cell size of the skin's speckle texture, mm (about 2 pixels suits stereo)")
     p.add_argument("--template", type=str, default=d.template,
                    help="low | full (procedural head) | a template folder")
     p.add_argument("--scan-points", type=int, default=d.scan_points)
@@ -66,7 +68,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = SyntheticConfig(
         subjects=args.subjects, sequences_per_subject=args.sequences_per_subject,
         frames_per_sequence=args.frames_per_sequence, seed=args.seed, views=args.views,
-        rig=args.rig, image_downsample=args.image_downsample, template=args.template,
+        rig=args.rig, image_downsample=args.image_downsample, speckle_mm=args.speckle_mm,
+        template=args.template,
         scan_points=args.scan_points, scan_noise_mm=args.scan_noise_mm,
         outlier_rate=args.outlier_rate, hole_rate=args.hole_rate,
         translation_mm=args.translation_mm, preview=args.preview, workers=args.workers)

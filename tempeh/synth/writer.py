@@ -61,6 +61,10 @@ class SyntheticConfig:
     """Native image size of the rig; the images are written at ``width / image_downsample``."""
     height: int = 1200
     image_downsample: int = 4
+    speckle_mm: float = 2.0
+    """Cell size of the finest octave of the skin's speckle texture, mm (``RenderConfig.speckle_mm``).
+    The 2 mm default suits 400x300 images of the paper rig (~2 mm per pixel at 1 m); at coarser
+    images a finer pattern falls below the pixel and renders as view-dependent aliasing."""
     template: str = "low"
     """``low`` / ``full`` (procedural head) or a template folder (``template.ply|obj`` +
     ``regions.npz``)."""
@@ -88,6 +92,8 @@ class SyntheticConfig:
         if self.width % self.image_downsample or self.height % self.image_downsample:
             raise ValueError(f"image size {self.width}x{self.height} is not divisible by "
                              f"--image-downsample {self.image_downsample}")
+        if not float(self.speckle_mm) > 0:
+            raise ValueError(f"--speckle-mm must be > 0, got {self.speckle_mm}")
         if len(self.split) != 3 or min(self.split) < 0 or sum(self.split) <= 0:
             raise ValueError(f"split must be three non-negative fractions, got {self.split}")
         return self
@@ -179,7 +185,7 @@ class _FrameWorker:
     def frame(self, i: int, j: int, k: int) -> dict:
         """Generate (not write) one frame: images, scan, registration, true mesh."""
         from tempeh.synth.registration import RegistrationErrorConfig, perturb_registration
-        from tempeh.synth.render import render_views
+        from tempeh.synth.render import RenderConfig, render_views
         from tempeh.synth.scan import simulate_scan
 
         cfg, t = self.cfg, self.template
@@ -187,7 +193,8 @@ class _FrameWorker:
         verts = self.model.apply(subject, self._sequence(i, j)[k])
         texture_seed = int(_rng(cfg.seed, _S_SUBJECT, i, 1).integers(0, 2**31 - 1))
         images = render_views(verts, t.faces, self.rig, t.verts, _rng(cfg.seed, _S_RENDER, i, j, k),
-                              texture_seed=texture_seed, downsample=cfg.image_downsample)
+                              texture_seed=texture_seed, downsample=cfg.image_downsample,
+                              config=RenderConfig(speckle_mm=cfg.speckle_mm))
         scan = simulate_scan(verts, t.faces, t.regions, self.rig, _rng(cfg.seed, _S_SCAN, i, j, k),
                              num_points=cfg.scan_points, noise_mm=cfg.scan_noise_mm,
                              outlier_rate=cfg.outlier_rate, hole_rate=cfg.hole_rate)
