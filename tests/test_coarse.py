@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tempeh.cameras import Cameras, look_at_rotation
-from tempeh.models.coarse import CoarseConfig, CoarseModel
+from tempeh.models.coarse import CoarseConfig, CoarseModel, draw_grid_rotations
 from tempeh.models.localizer import Localizer, LocalizerOutput, warp_grid
 from tempeh.models.unet3d import UNet3D
 from tempeh.models.volume import grid_offsets, make_grid
@@ -162,6 +162,30 @@ def test_random_grid_rotation_is_generator_driven(scene):
     torch.testing.assert_close(a.initial_grid, ref)
     eye = torch.eye(3).expand(2, 3, 3)
     torch.testing.assert_close(a.grid_rotation @ a.grid_rotation.transpose(1, 2), eye, atol=1e-5, rtol=0)
+
+
+def test_small_grid_rotations_are_gaussian_rotation_vectors(scene):
+    """grid_rotation_deg = d: R = exp([w]_x) with w ~ N(0, d^2 I) (scipy's rotation vectors of the
+    same draws as reference); the model uses exactly these in training, identity in eval."""
+    from scipy.spatial.transform import Rotation
+    R = draw_grid_rotations(4000, 10.0, torch.Generator().manual_seed(3), torch.float64)
+    w = torch.randn(4000, 3, generator=torch.Generator().manual_seed(3), dtype=F64).numpy()
+    ref = Rotation.from_rotvec(np.radians(10.0) * w).as_matrix()
+    np.testing.assert_allclose(R.numpy(), ref, atol=1e-12)
+    angle = np.degrees(Rotation.from_matrix(R.numpy()).magnitude())
+    # |w| / d is chi-distributed with 3 degrees of freedom: median 1.538
+    assert abs(np.median(angle) / 10.0 - 1.538) < 0.05, np.median(angle)
+    model = CoarseModel(CoarseConfig.tiny(grid_rotation_deg=5.0)).train()
+    imgs, cams = batch_of(scene, 2)
+    with torch.no_grad():
+        out = model(imgs, cams, generator=torch.Generator().manual_seed(7))
+        torch.testing.assert_close(out.grid_rotation,
+                                   draw_grid_rotations(2, 5.0, torch.Generator().manual_seed(7)))
+        assert float((out.grid_rotation - torch.eye(3)).abs().max()) > 1e-3
+        model.eval()
+        torch.testing.assert_close(model(imgs, cams).grid_rotation, torch.eye(3).expand(2, 3, 3))
+    with pytest.raises(ValueError, match="grid_rotation_deg"):
+        CoarseConfig.tiny(grid_rotation_deg=-1.0)
 
 
 def test_overfits_one_synthetic_frame(scene):

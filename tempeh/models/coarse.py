@@ -36,7 +36,7 @@ from tempeh.models.volume import FUSION_MODES, fuse_mean_var, grid_offsets, make
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CoarseConfig", "CoarseModel", "CoarseOutput"]
+__all__ = ["CoarseConfig", "CoarseModel", "CoarseOutput", "draw_grid_rotations"]
 
 
 @dataclass
@@ -58,7 +58,12 @@ class CoarseConfig(FeatureNetConfig):
     """View fusion: "masked" (views that see the point, biased variance) or "paper" (all views,
     zeros outside, unbiased variance; ablation)."""
     random_grid_rotation: bool = True
-    """Rotate the initial grid uniformly at random in training (identity in eval)."""
+    """Rotate the initial grid at random in training (identity in eval)."""
+    grid_rotation_deg: Optional[float] = None
+    """How ``random_grid_rotation`` draws: None (paper) uniformly over all rotations; a number:
+    a rotation vector with independent N(0, deg^2) components, a small rotation about a random
+    axis (beyond the paper: a pose augmentation the localizer can undo, also with the template
+    prior; the images do not change, the feature cube is sampled in the rotated frame)."""
     localizer_hidden: int = 32
     """Channels of the localizer's conv levels."""
     localizer_levels: int = 2
@@ -101,7 +106,8 @@ class CoarseConfig(FeatureNetConfig):
     deviation in mm at the initial box scale. The untrained model then predicts the template posed
     by the localizer, the localizer learns the head's pose from the vertex loss directly and the
     U-Net learns residuals. Needs the template (``CoarseModel(cfg, template_verts)``); keep
-    ``random_grid_rotation`` off with it, else the localizer must also undo random rotations."""
+    ``random_grid_rotation`` off with it or small (``grid_rotation_deg``), else the localizer must
+    also undo arbitrary rotations."""
     rebox_iterations: int = 0
     """0 (paper): one prediction in the localizer's box. k > 0 (beyond the paper; needs the template
     prior): in eval, fit the template (the prior's means) to the prediction by a similarity, put the
@@ -128,6 +134,9 @@ class CoarseConfig(FeatureNetConfig):
             raise ValueError(f"CoarseConfig.rebox_iterations must be >= 0, got {self.rebox_iterations}")
         if not 0.0 <= self.box_jitter_prob <= 1.0:
             raise ValueError(f"CoarseConfig.box_jitter_prob must lie in [0, 1], got {self.box_jitter_prob}")
+        if self.grid_rotation_deg is not None and not self.grid_rotation_deg >= 0:
+            raise ValueError("CoarseConfig.grid_rotation_deg must be >= 0 or None, "
+                             f"got {self.grid_rotation_deg}")
         for k in ("box_jitter_rot_deg", "box_jitter_trans_mm", "box_jitter_log_scale"):
             if not getattr(self, k) >= 0:
                 raise ValueError(f"CoarseConfig.{k} must be >= 0, got {getattr(self, k)}")
@@ -151,6 +160,18 @@ class CoarseConfig(FeatureNetConfig):
                     unet_front_kernel=3, head_chunk_size=32)
         base.update(overrides)
         return cls(**base)
+
+
+def draw_grid_rotations(n: int, deg: Optional[float], generator: Optional[torch.Generator] = None,
+                        dtype: torch.dtype = torch.float32, device=None) -> Tensor:
+    """``(n, 3, 3)`` random grid rotations: uniform over SO(3) when ``deg`` is None, else
+    ``exp([w]_x)`` with rotation vectors ``w ~ N(0, (deg in rad)^2 I)`` (drawn in float64 on the
+    generator's device)."""
+    if deg is None:
+        return random_rotations(n, generator=generator, dtype=dtype, device=device)
+    gen_device = generator.device if generator is not None else device
+    w = torch.randn(n, 3, generator=generator, dtype=torch.float64, device=gen_device)
+    return axis_angle_to_matrix(w * math.radians(deg)).to(device=device, dtype=dtype)
 
 
 @dataclass
@@ -316,7 +337,7 @@ class CoarseModel(nn.Module):
         cams = cameras.to(device=device, dtype=dtype)
         center = torch.tensor(cfg.grid_center_mm, dtype=dtype, device=device).expand(B, 3)
         if self.training and cfg.random_grid_rotation:
-            R_g = random_rotations(B, generator=generator, dtype=dtype, device=device)
+            R_g = draw_grid_rotations(B, cfg.grid_rotation_deg, generator, dtype, device)
         else:
             R_g = torch.eye(3, dtype=dtype, device=device).expand(B, 3, 3)
         grid0 = make_grid(cfg.grid_side, cfg.grid_spacing_mm, center, R_g)
