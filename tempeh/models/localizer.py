@@ -34,7 +34,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from tempeh.geometry.rotations import rot6d_to_matrix
-from tempeh.models.unet3d import make_norm
+from tempeh.models.unet3d import Conv3d, make_norm
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ class Localizer(nn.Module):
         layers = []
         c = in_channels
         for _ in range(levels):
-            layers += [nn.Conv3d(c, hidden, 3, padding=1), make_norm(norm, hidden),
+            layers += [Conv3d(c, hidden, 3, padding=1), make_norm(norm, hidden),
                        nn.MaxPool3d(2), nn.ReLU(inplace=True)]
             c = hidden
         self.features = nn.Sequential(*layers)
