@@ -78,7 +78,7 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     # The 8x downsampled images have ~4 mm pixels at 1 m, so the generator's 2 mm speckle renders
     # partly as aliasing that differs between views. A 6 mm pattern gives the cross-view intensity
     # spread a clearer minimum at the true surface (high-passed images, 4 subjects: +-2 mm along the
-    # normal raise it 1.22x, against 1.09x at 2 mm), but one demo with it scored worse on held-out
+    # normal raise it 1.19x, against 1.06x at 2 mm), but one demo with it scored worse on held-out
     # subjects (scan-to-mesh 2.11 mm, vertex error 8.53 mm against 1.89 / 7.19 mm; session 7), so
     # the demo keeps 2 mm.
     p.add_argument("--speckle-mm", type=float, default=2.0,
