@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from tempeh.cameras import Cameras, look_at_rotation
-from tempeh.models.coarse import CoarseConfig, CoarseModel, draw_grid_rotations
+from tempeh.geometry.rotations import random_rotations
+from tempeh.models.coarse import CoarseConfig, CoarseModel
 from tempeh.models.localizer import Localizer, LocalizerOutput, warp_grid
 from tempeh.models.unet3d import Conv3d, UNet3D
 from tempeh.models.volume import grid_offsets, make_grid
@@ -189,10 +190,11 @@ def test_random_grid_rotation_is_generator_driven(scene):
 
 
 def test_small_grid_rotations_are_gaussian_rotation_vectors(scene):
-    """grid_rotation_deg = d: R = exp([w]_x) with w ~ N(0, d^2 I) (scipy's rotation vectors of the
-    same draws as reference); the model uses exactly these in training, identity in eval."""
+    """random_rotations(sigma_deg=d): R = exp([w]_x) with w ~ N(0, d^2 I) (scipy's rotation vectors
+    of the same draws as reference); with grid_rotation_deg = d the model uses exactly these in
+    training, identity in eval."""
     from scipy.spatial.transform import Rotation
-    R = draw_grid_rotations(4000, 10.0, torch.Generator().manual_seed(3), torch.float64)
+    R = random_rotations(4000, torch.Generator().manual_seed(3), torch.float64, sigma_deg=10.0)
     w = torch.randn(4000, 3, generator=torch.Generator().manual_seed(3), dtype=F64).numpy()
     ref = Rotation.from_rotvec(np.radians(10.0) * w).as_matrix()
     np.testing.assert_allclose(R.numpy(), ref, atol=1e-12)
@@ -204,12 +206,14 @@ def test_small_grid_rotations_are_gaussian_rotation_vectors(scene):
     with torch.no_grad():
         out = model(imgs, cams, generator=torch.Generator().manual_seed(7))
         torch.testing.assert_close(out.grid_rotation,
-                                   draw_grid_rotations(2, 5.0, torch.Generator().manual_seed(7)))
+                                   random_rotations(2, torch.Generator().manual_seed(7), sigma_deg=5.0))
         assert float((out.grid_rotation - torch.eye(3)).abs().max()) > 1e-3
         model.eval()
         torch.testing.assert_close(model(imgs, cams).grid_rotation, torch.eye(3).expand(2, 3, 3))
     with pytest.raises(ValueError, match="grid_rotation_deg"):
         CoarseConfig.tiny(grid_rotation_deg=-1.0)
+    with pytest.raises(ValueError, match="sigma_deg"):
+        random_rotations(2, sigma_deg=-1.0)
 
 
 def test_overfits_one_synthetic_frame(scene):

@@ -41,7 +41,7 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--image-downsample", type=int, default=d.image_downsample,
                    help="images are written at 1600x1200 / this")
     p.add_argument("--speckle-mm", type=float, default=d.speckle_mm,
-                   help="cell size of the skin's speckle texture, mm (about 2 pixels suits stereo)")
+                   help="cell size of the skin's speckle texture, mm")
     p.add_argument("--template", type=str, default=d.template,
                    help="low | full (procedural head) | a template folder")
     p.add_argument("--scan-points", type=int, default=d.scan_points)

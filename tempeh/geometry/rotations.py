@@ -11,6 +11,7 @@ Gram-Schmidt: ``b1 = normalize(a1)``, ``b2 = normalize(a2 - <b1, a2> b1)``, ``b3
 from __future__ import annotations
 
 import logging
+import math
 from typing import Optional, Union
 
 import torch
@@ -90,22 +91,33 @@ def random_rotations(
     generator: Optional[torch.Generator] = None,
     dtype: torch.dtype = torch.float32,
     device: Optional[Union[str, torch.device]] = None,
+    sigma_deg: Optional[float] = None,
 ) -> Tensor:
-    """Rotations drawn uniformly (Haar measure) on SO(3).
+    """Random rotations: uniform (Haar measure) on SO(3), or small ones about random axes.
 
-    A standard Gaussian 4-vector normalised to unit length is uniform on S^3, and the
-    quaternion -> matrix map pushes that to the uniform distribution on SO(3).
+    Uniform (``sigma_deg`` None): a standard Gaussian 4-vector normalised to unit length is
+    uniform on S^3, and the quaternion -> matrix map pushes that to the uniform distribution on
+    SO(3). Small (``sigma_deg`` a number >= 0): ``exp([w]_x)`` with rotation vectors
+    ``w ~ N(0, (sigma_deg in radians)^2 I)``.
 
     Args:
         n: number of rotations.
         generator: optional ``torch.Generator`` (on ``device``) for reproducibility.
-        dtype, device: of the result. Sampling happens on the generator's device when one is given.
+        dtype, device: of the result. Sampling happens on the generator's device when one is given,
+            in float64.
+        sigma_deg: None (uniform) or the per-axis standard deviation of the rotation vector, deg.
     Returns:
         ``(n, 3, 3)``.
     """
     if n < 0:
         raise ValueError(f"random_rotations: n must be >= 0, got {n}")
+    if sigma_deg is not None and not sigma_deg >= 0:
+        raise ValueError(f"random_rotations: sigma_deg must be >= 0 or None, got {sigma_deg}")
     gen_device = generator.device if generator is not None else device
+    if sigma_deg is not None:
+        w = torch.randn(n, 3, generator=generator, dtype=torch.float64, device=gen_device)
+        R = axis_angle_to_matrix(w * math.radians(sigma_deg))
+        return R.to(dtype=dtype, device=device if device is not None else R.device)
     q = torch.randn(n, 4, generator=generator, dtype=torch.float64, device=gen_device)
     # A Gaussian 4-vector of norm < 1e-12 has probability ~0; resample-free guard anyway.
     q = torch.where(q.norm(dim=-1, keepdim=True) < 1e-12, torch.tensor([1.0, 0, 0, 0], dtype=q.dtype, device=q.device), q)

@@ -36,7 +36,7 @@ from tempeh.models.volume import FUSION_MODES, fuse_mean_var, grid_offsets, make
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CoarseConfig", "CoarseModel", "CoarseOutput", "draw_grid_rotations"]
+__all__ = ["CoarseConfig", "CoarseModel", "CoarseOutput"]
 
 
 @dataclass
@@ -160,18 +160,6 @@ class CoarseConfig(FeatureNetConfig):
                     unet_front_kernel=3, head_chunk_size=32)
         base.update(overrides)
         return cls(**base)
-
-
-def draw_grid_rotations(n: int, deg: Optional[float], generator: Optional[torch.Generator] = None,
-                        dtype: torch.dtype = torch.float32, device=None) -> Tensor:
-    """``(n, 3, 3)`` random grid rotations: uniform over SO(3) when ``deg`` is None, else
-    ``exp([w]_x)`` with rotation vectors ``w ~ N(0, (deg in rad)^2 I)`` (drawn in float64 on the
-    generator's device)."""
-    if deg is None:
-        return random_rotations(n, generator=generator, dtype=dtype, device=device)
-    gen_device = generator.device if generator is not None else device
-    w = torch.randn(n, 3, generator=generator, dtype=torch.float64, device=gen_device)
-    return axis_angle_to_matrix(w * math.radians(deg)).to(device=device, dtype=dtype)
 
 
 @dataclass
@@ -337,7 +325,8 @@ class CoarseModel(nn.Module):
         cams = cameras.to(device=device, dtype=dtype)
         center = torch.tensor(cfg.grid_center_mm, dtype=dtype, device=device).expand(B, 3)
         if self.training and cfg.random_grid_rotation:
-            R_g = draw_grid_rotations(B, cfg.grid_rotation_deg, generator, dtype, device)
+            R_g = random_rotations(B, generator=generator, dtype=dtype, device=device,
+                                   sigma_deg=cfg.grid_rotation_deg)
         else:
             R_g = torch.eye(3, dtype=dtype, device=device).expand(B, 3, 3)
         grid0 = make_grid(cfg.grid_side, cfg.grid_spacing_mm, center, R_g)
