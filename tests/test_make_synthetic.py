@@ -110,6 +110,25 @@ def test_speckle_size_changes_only_the_images(captures, tmp_path):
     assert main(["--out", str(tmp_path / "e"), "--speckle-mm", "0"] + TINY) == 1
 
 
+def test_markings_change_only_the_images_and_darken_them(captures, tmp_path):
+    a = captures[0]
+    d = tmp_path / "d"
+    assert main(["--out", str(d), "--seed", "5", "--markings", "1"] + TINY) == 0
+    assert json.loads((d / "synthetic.json").read_text())["settings"]["markings"] == 1.0
+    assert json.loads((a / "synthetic.json").read_text())["settings"]["markings"] == 0.0
+    ha, hd = _hashes(a), _hashes(d)
+    images = sorted(k for k in hd if k.startswith("images/"))
+    assert images and all(ha[k] != hd[k] for k in images)
+    for k in hd:
+        if k.startswith(("scans/", "gt_meshes/", "registrations/", "calibrations/")):
+            assert ha[k] == hd[k], k
+    # Markings only darken: summed over the head, every view is darker than without them.
+    for k in images:
+        plain, marked = read_gray(a / k).astype(float), read_gray(d / k).astype(float)
+        assert marked.sum() < plain.sum(), k
+    assert main(["--out", str(tmp_path / "e"), "--markings", "1.5"] + TINY) == 1
+
+
 def test_split_subjects_rules():
     for n in range(1, 12):
         s = split_subjects(n, (0.6, 0.2, 0.2), seed=3)

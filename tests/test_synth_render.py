@@ -6,7 +6,8 @@ import pytest
 import torch
 import trimesh
 
-from tempeh.synth.render import RenderConfig, first_hits, render_mask, render_views, skin_texture
+from tempeh.synth.render import (MARKING_ALBEDO, RenderConfig, first_hits, marking_albedo, render_mask,
+                                 render_views, skin_texture)
 from tempeh.synth.head import make_head_template
 from tempeh.synth.rig import make_rig
 
@@ -138,6 +139,55 @@ def test_speckle_cell_scales_the_pattern():
     coarse = RenderConfig(speckle_mm=6.0, albedo_variation=0.0)
     assert np.array_equal(skin_texture(p, seed=4, cfg=fine), skin_texture(2 * p, seed=4, cfg=coarse))
     assert np.corrcoef(skin_texture(p, seed=4, cfg=fine), skin_texture(p, seed=4, cfg=coarse))[0, 1] < 0.5
+
+
+def test_marking_albedo_regions_and_smoothing():
+    tpl = make_head_template("low")
+    N, faces = tpl.num_verts, tpl.faces
+    assert np.array_equal(marking_albedo(N, faces, tpl.regions, strength=0.0), np.ones(N))
+    raw = marking_albedo(N, faces, tpl.regions, strength=1.0, hair=0.3, smooth_iterations=0)
+    assert np.allclose(raw[tpl.regions["scalp"]], 0.3)
+    assert np.allclose(raw[tpl.regions["lips"]], MARKING_ALBEDO["lips"])
+    eyes = np.concatenate([tpl.regions["left_eyeball"], tpl.regions["right_eyeball"]])
+    assert np.allclose(raw[eyes], MARKING_ALBEDO["left_eyeball"])
+    neck_only = np.setdiff1d(tpl.regions["neck"], np.concatenate([tpl.regions[k] for k in MARKING_ALBEDO]))
+    assert neck_only.size and np.all(raw[neck_only] == 1.0)
+    half = marking_albedo(N, faces, tpl.regions, strength=0.5, hair=0.3, smooth_iterations=0)
+    assert np.allclose(half[tpl.regions["scalp"]], 0.65)
+    # One smoothing round against a naive loop: each vertex averages itself and its face
+    # neighbours, every neighbour counted once per face corner it shares with the vertex.
+    smooth = marking_albedo(N, faces, tpl.regions, strength=1.0, hair=0.3, smooth_iterations=1)
+    acc, cnt = raw.copy(), np.ones(N)
+    for f in faces.tolist():
+        for k in range(3):
+            for o in (1, 2):
+                acc[f[k]] += raw[f[(k + o) % 3]]
+                cnt[f[k]] += 1
+    assert np.allclose(smooth, acc / cnt, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="strength"):
+        marking_albedo(N, faces, tpl.regions, strength=1.5)
+    with pytest.raises(ValueError, match="hair"):
+        marking_albedo(N, faces, tpl.regions, hair=0.0)
+
+
+def test_vertex_albedo_scales_the_reflectance():
+    v, f = _head_like_mesh()
+    cams = make_rig("paper", num_views=2)
+    cfg = RenderConfig(noise_sigma=0.0, background=0.0, albedo=100.0)
+    rng = np.random.default_rng(0)
+    plain = render_views(v, f, cams, v, rng, config=cfg, downsample=16).astype(float)
+    dim = render_views(v, f, cams, v, rng, config=cfg, downsample=16,
+                       vertex_albedo=np.full(len(v), 0.5)).astype(float)
+    on = plain > 0
+    assert on.sum() > 200
+    assert np.abs(dim[on] - 0.5 * plain[on]).max() <= 1.0  # uint8 rounding of both images
+    # A dark half (x > 0) darkens only the pixels on that half.
+    side = np.where(v[:, 0] > 0, 0.25, 1.0)
+    split = render_views(v, f, cams, v, rng, config=cfg, downsample=16, vertex_albedo=side).astype(float)
+    ratio = split[on & (plain > 40)] / plain[on & (plain > 40)]
+    assert np.mean(ratio < 0.35) > 0.3 and np.mean(ratio > 0.95) > 0.3
+    with pytest.raises(ValueError, match="vertex_albedo"):
+        render_views(v, f, cams, v, rng, config=cfg, downsample=16, vertex_albedo=np.ones(3))
 
 
 def test_paper_rig_layout():

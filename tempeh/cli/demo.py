@@ -4,7 +4,7 @@ Usage::
 
     demo [--out demo_out] [--fresh] [--config configs/demo_cpu] [--subjects 80]
          [--sequences-per-subject 3] [--frames-per-sequence 1] [--views 8] [--image-downsample 8]
-         [--speckle-mm 2] [--scan-points 20000] [--seed 0] [--iterations-scale 1.0]
+         [--speckle-mm 2] [--markings 0] [--scan-points 20000] [--seed 0] [--iterations-scale 1.0]
          [--set [STAGE:]KEY=VALUE ...]
 
 Phases (each timed, wall and CPU seconds, in ``<out>/summary.json``)::
@@ -83,6 +83,9 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     # the demo keeps 2 mm.
     p.add_argument("--speckle-mm", type=float, default=2.0,
                    help="cell size of the synthetic skin speckle, mm")
+    p.add_argument("--markings", type=float, default=0.0,
+                   help="strength in [0, 1] of the synthetic heads' darker hair, eyes, lips and "
+                        "nostrils (0: speckle only)")
     p.add_argument("--scan-points", type=int, default=20000, help="points per synthetic scan")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and of training")
     p.add_argument("--iterations-scale", type=float, default=1.0,
@@ -99,6 +102,8 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
             p.error(f"--{k.replace('_', '-')} must be >= 1")
     if not args.speckle_mm > 0:
         p.error("--speckle-mm must be > 0")
+    if not 0.0 <= args.markings <= 1.0:
+        p.error("--markings must be in [0, 1]")
     if args.subjects < 3:
         p.error("--subjects must be >= 3 (disjoint train / val / test subjects)")
     if not args.iterations_scale > 0:
@@ -166,6 +171,7 @@ def _data_settings(args) -> dict:
     return dict(subjects=args.subjects, sequences_per_subject=args.sequences_per_subject,
                 frames_per_sequence=args.frames_per_sequence, views=args.views,
                 image_downsample=args.image_downsample, speckle_mm=args.speckle_mm,
+                markings=args.markings,
                 scan_points=args.scan_points, seed=args.seed, template="low")
 
 
@@ -179,7 +185,7 @@ def _make_data(args, data: Path) -> None:
             "--sequences-per-subject", str(s["sequences_per_subject"]),
             "--frames-per-sequence", str(s["frames_per_sequence"]), "--seed", str(s["seed"]),
             "--views", str(s["views"]), "--image-downsample", str(s["image_downsample"]),
-            "--speckle-mm", str(s["speckle_mm"]),
+            "--speckle-mm", str(s["speckle_mm"]), "--markings", str(s["markings"]),
             "--template", s["template"], "--scan-points", str(s["scan_points"]),
             "--workers", str(args.workers), "--preview"] + (["--quiet"] if args.quiet else [])
     _check(make_synthetic.main(argv), "make_synthetic")

@@ -42,6 +42,9 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                    help="images are written at 1600x1200 / this")
     p.add_argument("--speckle-mm", type=float, default=d.speckle_mm,
                    help="cell size of the skin's speckle texture, mm")
+    p.add_argument("--markings", type=float, default=d.markings,
+                   help="strength in [0, 1] of the darker hair, eyes, lids, lips and nostrils "
+                        "(0: speckle only)")
     p.add_argument("--template", type=str, default=d.template,
                    help="low | full (procedural head) | a template folder")
     p.add_argument("--scan-points", type=int, default=d.scan_points)
@@ -68,7 +71,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = SyntheticConfig(
         subjects=args.subjects, sequences_per_subject=args.sequences_per_subject,
         frames_per_sequence=args.frames_per_sequence, seed=args.seed, views=args.views,
-        rig=args.rig, image_downsample=args.image_downsample, speckle_mm=args.speckle_mm,
+        rig=args.rig, image_downsample=args.image_downsample, speckle_mm=args.speckle_mm, markings=args.markings,
         template=args.template,
         scan_points=args.scan_points, scan_noise_mm=args.scan_noise_mm,
         outlier_rate=args.outlier_rate, hole_rate=args.hole_rate,

@@ -7,6 +7,10 @@ What an image shows (one per camera, uint8, ``(H, W)``):
   albedo, evaluated at the hit point's *rest-pose* (template-space) position: the barycentric
   interpolation of ``rest_verts`` over the hit face. The pattern therefore moves and stretches
   with the skin, as paint would; it does not swim when the head moves.
+* **Markings** (optional, ``vertex_albedo``, e.g. :func:`marking_albedo`): per-vertex
+  reflectance factors for the regions a real head shows darker than skin (hair, eyes, lids, lips,
+  nostrils), interpolated over the hit face; they carry the cues along the surface that a
+  uniform speckle lacks.
 * **Lambertian shading** with a point light near each camera (``light_offset_mm`` above it),
   plus an ambient term, using interpolated vertex normals of the posed mesh (two-sided).
 * **Sensor noise** (Gaussian, ``noise_sigma`` grey levels) on a dark background.
@@ -36,7 +40,7 @@ from tempeh.cameras import Cameras
 logger = logging.getLogger(__name__)
 
 __all__ = ["RenderConfig", "render_views", "render_mask", "first_hits", "vertex_normals",
-           "solid_noise", "skin_texture", "output_cameras"]
+           "solid_noise", "skin_texture", "output_cameras", "MARKING_ALBEDO", "marking_albedo"]
 
 
 @dataclass
@@ -188,6 +192,54 @@ def skin_texture(rest_points: np.ndarray, seed: int, cfg: Optional[RenderConfig]
     return speck * slow
 
 
+#: Relative reflectance of the template regions that are darker than skin on a real head (hair on
+#: the scalp, iris/pupil, lashes and lids, lips, nostrils), used by :func:`marking_albedo`. The
+#: scalp's value is a default: the generator draws a hair tone per subject.
+MARKING_ALBEDO = {"scalp": 0.4, "left_eyeball": 0.2, "right_eyeball": 0.2, "left_eye_region": 0.6,
+                  "right_eye_region": 0.6, "lips": 0.5, "nostrils": 0.4}
+
+
+def marking_albedo(num_verts: int, faces: np.ndarray, regions: dict, strength: float = 1.0,
+                   hair: Optional[float] = None, smooth_iterations: int = 1) -> np.ndarray:
+    """Per-vertex reflectance factors of the facial markings (hair, eyes, lips, nostrils).
+
+    Real heads are not uniformly speckled: hair, eyes, lids, lips and nostrils are darker than
+    the skin and are what a camera uses to tell where along the surface it looks. The factors
+    (:data:`MARKING_ALBEDO`, the scalp's replaced by ``hair`` when given) are blended with 1 by
+    ``strength`` (0: no markings, all ones; 1: the table's values), vertices in several regions
+    take the darkest, then ``smooth_iterations`` rounds of averaging with the one-ring soften
+    the region borders. Regions missing from ``regions`` are skipped.
+
+    Args:
+        num_verts: ``N``. faces: ``(F, 3)`` int. regions: name -> vertex indices.
+        strength: in [0, 1]. hair: the scalp's factor in (0, 1], or None for the table's.
+    Returns:
+        ``(N,)`` float64 in (0, 1], multiplied into the skin texture at the hit points
+        (barycentric interpolation, :func:`render_views` ``vertex_albedo``).
+    """
+    if not 0.0 <= float(strength) <= 1.0:
+        raise ValueError(f"marking strength must be in [0, 1], got {strength}")
+    if hair is not None and not 0.0 < float(hair) <= 1.0:
+        raise ValueError(f"hair reflectance must be in (0, 1], got {hair}")
+    table = dict(MARKING_ALBEDO)
+    if hair is not None:
+        table["scalp"] = float(hair)
+    a = np.ones(int(num_verts))
+    for name, value in table.items():
+        if name in regions:
+            ids = np.asarray(regions[name], dtype=np.int64)
+            a[ids] = np.minimum(a[ids], 1.0 - float(strength) * (1.0 - value))
+    faces = np.asarray(faces, dtype=np.int64)
+    for _ in range(int(smooth_iterations)):
+        acc, cnt = a.copy(), np.ones_like(a)
+        for k in range(3):  # each face corner gathers its two neighbours, vectorised over faces
+            for o in (1, 2):
+                np.add.at(acc, faces[:, k], a[faces[:, (k + o) % 3]])
+                np.add.at(cnt, faces[:, k], 1.0)
+        a = acc / cnt
+    return a
+
+
 # ----------------------------------------------------------------------------- rendering
 def output_cameras(cameras: Cameras, downsample: int = 4) -> Cameras:
     """Cameras of the rendered images: ``cameras`` resized by ``1 / downsample`` (exact)."""
@@ -287,7 +339,8 @@ def _check_mesh(verts, faces, name="verts"):
 
 def render_views(verts: np.ndarray, faces: np.ndarray, cameras: Cameras, rest_verts: np.ndarray,
                  rng: np.random.Generator, texture_seed: int = 0,
-                 config: Optional[RenderConfig] = None, downsample: Optional[int] = None) -> np.ndarray:
+                 config: Optional[RenderConfig] = None, downsample: Optional[int] = None,
+                 vertex_albedo: Optional[np.ndarray] = None) -> np.ndarray:
     """Render grey-scale speckle images of a posed mesh in every view.
 
     Args:
@@ -298,6 +351,8 @@ def render_views(verts: np.ndarray, faces: np.ndarray, cameras: Cameras, rest_ve
         rng: draws the sensor noise only (the texture is fixed by ``texture_seed``).
         texture_seed: selects the skin texture; keep it fixed per subject across frames.
         config: look of the images; ``downsample`` overrides ``config.downsample``.
+        vertex_albedo: optional ``(N,)`` reflectance factors (e.g. :func:`marking_albedo`),
+            interpolated barycentrically over the hit faces and multiplied into the skin texture.
     Returns:
         ``(V, H', W')`` uint8 with ``H' = round(H / downsample)`` etc.; the matching cameras are
         :func:`output_cameras` ``(cameras, downsample)``.
@@ -332,7 +387,13 @@ def render_views(verts: np.ndarray, faces: np.ndarray, cameras: Cameras, rest_ve
     lam = np.clip(np.einsum("ij,ij->i", n, ldir), 0.0, None)
     shade = cfg.ambient + (1 - cfg.ambient) * lam
     img = np.full(V * H * W, cfg.background, dtype=np.float64)
-    img[hit] = cfg.albedo * shade * skin_texture(rest_p, texture_seed, cfg)
+    refl = skin_texture(rest_p, texture_seed, cfg)
+    if vertex_albedo is not None:
+        va = np.asarray(vertex_albedo, dtype=np.float64)
+        if va.shape != (len(verts),):
+            raise ValueError(f"vertex_albedo must be ({len(verts)},), got {va.shape}")
+        refl = refl * (va[f_hit] * bary).sum(1)
+    img[hit] = cfg.albedo * shade * refl
     img = img.reshape(V, H, W)
     if ss > 1:
         img = img.reshape(V, H // ss, ss, W // ss, ss).mean(axis=(2, 4))

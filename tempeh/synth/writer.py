@@ -43,6 +43,8 @@ __all__ = ["SyntheticConfig", "write_synthetic_capture", "split_subjects", "load
 
 # Random streams (first entries of the seed sequences).
 _S_SUBJECT, _S_SEQUENCE, _S_RENDER, _S_SCAN, _S_REG, _S_SPLIT = 1, 2, 3, 4, 5, 6
+#: Range of the per-subject hair reflectance (relative to skin) when markings are on.
+_HAIR_TONES = (0.2, 0.7)
 
 
 @dataclass
@@ -65,6 +67,9 @@ class SyntheticConfig:
     """Cell size of the finest octave of the skin's speckle texture, mm (``RenderConfig.speckle_mm``).
     The 2 mm default suits 400x300 images of the paper rig (~2 mm per pixel at 1 m); at coarser
     images a finer pattern falls below the pixel and renders as view-dependent aliasing."""
+    markings: float = 0.0
+    """Strength in [0, 1] of the darker regions of a real head (hair with a tone drawn per subject,
+    eyes, lids, lips, nostrils; :func:`tempeh.synth.render.marking_albedo`); 0: speckle only."""
     template: str = "low"
     """``low`` / ``full`` (procedural head) or a template folder (``template.ply|obj`` +
     ``regions.npz``)."""
@@ -94,6 +99,8 @@ class SyntheticConfig:
                              f"--image-downsample {self.image_downsample}")
         if not float(self.speckle_mm) > 0:
             raise ValueError(f"--speckle-mm must be > 0, got {self.speckle_mm}")
+        if not 0.0 <= float(self.markings) <= 1.0:
+            raise ValueError(f"--markings must be in [0, 1], got {self.markings}")
         if len(self.split) != 3 or min(self.split) < 0 or sum(self.split) <= 0:
             raise ValueError(f"split must be three non-negative fractions, got {self.split}")
         return self
@@ -185,16 +192,20 @@ class _FrameWorker:
     def frame(self, i: int, j: int, k: int) -> dict:
         """Generate (not write) one frame: images, scan, registration, true mesh."""
         from tempeh.synth.registration import RegistrationErrorConfig, perturb_registration
-        from tempeh.synth.render import RenderConfig, render_views
+        from tempeh.synth.render import RenderConfig, marking_albedo, render_views
         from tempeh.synth.scan import simulate_scan
 
         cfg, t = self.cfg, self.template
         subject = self._subject(i)
         verts = self.model.apply(subject, self._sequence(i, j)[k])
         texture_seed = int(_rng(cfg.seed, _S_SUBJECT, i, 1).integers(0, 2**31 - 1))
+        albedo = None
+        if cfg.markings > 0:
+            hair = float(_rng(cfg.seed, _S_SUBJECT, i, 2).uniform(*_HAIR_TONES))
+            albedo = marking_albedo(t.num_verts, t.faces, t.regions, cfg.markings, hair=hair)
         images = render_views(verts, t.faces, self.rig, t.verts, _rng(cfg.seed, _S_RENDER, i, j, k),
                               texture_seed=texture_seed, downsample=cfg.image_downsample,
-                              config=RenderConfig(speckle_mm=cfg.speckle_mm))
+                              config=RenderConfig(speckle_mm=cfg.speckle_mm), vertex_albedo=albedo)
         scan = simulate_scan(verts, t.faces, t.regions, self.rig, _rng(cfg.seed, _S_SCAN, i, j, k),
                              num_points=cfg.scan_points, noise_mm=cfg.scan_noise_mm,
                              outlier_rate=cfg.outlier_rate, hole_rate=cfg.hole_rate)
