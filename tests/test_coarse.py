@@ -311,6 +311,44 @@ def test_rebox_predicts_again_in_the_similarity_box_of_the_first_prediction(scen
     np.testing.assert_allclose(second, expect, atol=1.0)  # mm; prior discretisation only
 
 
+def test_tta_boxes_average_the_prediction_with_jittered_boxes(scene):
+    """Without jitter every extra box is the template's similarity box on the last prediction, so
+    the TTA mean is (pass r + k x pass r+1) / (k + 1), with the passes taken from separate runs
+    with r and r + 1 re-box passes. With jitter: fixed draws, independent of the batch."""
+    N = 40
+    model, _ = _posed_template_model(N, box_jitter_rot_deg=0.0, box_jitter_trans_mm=0.0,
+                                     box_jitter_log_scale=0.0)
+    with torch.no_grad():  # a non-trivial head: predictions are not similarities of the template
+        model.head.weight.normal_(0.0, 2.0, generator=torch.Generator().manual_seed(3))
+    model.eval()
+    imgs, cams = batch_of(scene, 2)
+    imgs[1] = imgs[1].flip(-1)  # a different second frame
+    with torch.no_grad():
+        model.cfg.rebox_iterations = 1
+        r1 = model(imgs, cams).verts.double()
+        model.cfg.rebox_iterations = 2
+        r2 = model(imgs, cams).verts.double()
+        assert float((r2 - r1).norm(dim=-1).mean()) > 0.5
+        model.cfg.rebox_iterations, model.cfg.tta_boxes = 1, 3
+        tta = model(imgs, cams).verts.double()
+        torch.testing.assert_close(tta, (r1 + 3 * r2) / 4, atol=1e-3, rtol=0)
+        model.cfg.box_jitter_rot_deg, model.cfg.box_jitter_trans_mm = 3.0, 3.0
+        model.cfg.box_jitter_log_scale = 0.02
+        jit = model(imgs, cams).verts
+        assert float((jit.double() - tta).norm(dim=-1).mean()) > 0.05
+        torch.testing.assert_close(model(imgs, cams).verts, jit)  # fixed draws
+        torch.testing.assert_close(model(imgs[1:], cams[1:]).verts, jit[1:], atol=1e-4, rtol=0)
+        model.train()  # training ignores it: one pass in the localizer's box
+        model.cfg.rebox_iterations = 0
+        t_on = model(imgs, cams, generator=torch.Generator().manual_seed(0)).verts
+        model.cfg.tta_boxes = 0
+        torch.testing.assert_close(model(imgs, cams, generator=torch.Generator().manual_seed(0)).verts, t_on)
+    with pytest.raises(ValueError, match="tta_boxes"):
+        CoarseConfig.tiny(tta_boxes=-1, template_prior_sigma_mm=10.0)
+    with pytest.raises(ValueError, match="template_prior_sigma_mm"):
+        CoarseConfig.tiny(tta_boxes=2)
+
+
 def test_box_jitter_trains_the_unet_in_the_template_box_of_the_target(scene):
     """Training with box_jitter_prob = 1 and no jitter: the grid (with random grid rotation on) is
     the template's similarity box on the target, so the untrained model predicts the target when

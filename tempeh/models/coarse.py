@@ -11,6 +11,8 @@ Pipeline (shapes for ``B`` samples, ``V`` views, grid side ``D``, ``d_f`` featur
     verts (B, N, 3) world mm
     [rebox_iterations > 0, eval: similarity fit of the template to verts -> new box -> fusion,
      U-Net and head again, k times]
+    [tta_boxes > 0, eval: the mean of that prediction and those in tta_boxes jittered copies of
+     its box]
 
 Feature maps are at the input image resolution, so ``cameras`` must describe the images given.
 """
@@ -126,6 +128,11 @@ class CoarseConfig(FeatureNetConfig):
     """Standard deviation, mm, of each component of the jitter translation."""
     box_jitter_log_scale: float = 0.02
     """Standard deviation of the log of the jitter scale factor."""
+    tta_boxes: int = 0
+    """0: off. k > 0 (beyond the paper; needs the template prior): in eval, after the re-box
+    passes, predict again in k copies of the final box jittered by the ``box_jitter_*`` spreads and
+    average the k + 1 predictions (test-time augmentation). The k jitters are fixed draws (seed 0),
+    the same for every sample, so a frame's result does not depend on its batch. Each costs a pass."""
 
     def __post_init__(self):
         if self.head_mode not in HEAD_MODES:
@@ -137,12 +144,15 @@ class CoarseConfig(FeatureNetConfig):
         if self.grid_rotation_deg is not None and not self.grid_rotation_deg >= 0:
             raise ValueError("CoarseConfig.grid_rotation_deg must be >= 0 or None, "
                              f"got {self.grid_rotation_deg}")
+        if self.tta_boxes < 0:
+            raise ValueError(f"CoarseConfig.tta_boxes must be >= 0, got {self.tta_boxes}")
         for k in ("box_jitter_rot_deg", "box_jitter_trans_mm", "box_jitter_log_scale"):
             if not getattr(self, k) >= 0:
                 raise ValueError(f"CoarseConfig.{k} must be >= 0, got {getattr(self, k)}")
-        if (self.rebox_iterations > 0 or self.box_jitter_prob > 0) and not self.template_prior_sigma_mm > 0:
-            raise ValueError("CoarseConfig: rebox_iterations and box_jitter_prob place the template "
-                             "in the box; they need template_prior_sigma_mm > 0")
+        if (self.rebox_iterations > 0 or self.box_jitter_prob > 0 or self.tta_boxes > 0) \
+                and not self.template_prior_sigma_mm > 0:
+            raise ValueError("CoarseConfig: rebox_iterations, box_jitter_prob and tta_boxes place the "
+                             "template in the box; they need template_prior_sigma_mm > 0")
 
     @classmethod
     def paper_scale(cls, **overrides) -> "CoarseConfig":
@@ -278,6 +288,30 @@ class CoarseModel(nn.Module):
         q = self.prior_means_mm.to(dtype=target.dtype, device=target.device).expand(B, -1, -1)
         return fit_similarity(q, target)
 
+    def _jitter_box(self, s: Tensor, R: Tensor, t: Tensor, noise: Tensor, center: Tensor) -> LocalizerOutput:
+        """The similarity box ``(s (B,), R (B, 3, 3), t (B, 3) mm)`` jittered by standard-normal
+        ``noise (B, 7)`` (rotation vector, log scale, translation) times the ``box_jitter_*``
+        spreads: rotation ``dR @ R``, scale ``s * exp(.)``, translation ``t + .`` mm."""
+        cfg, dtype = self.cfg, s.dtype
+        dR = axis_angle_to_matrix(noise[:, 0:3] * math.radians(cfg.box_jitter_rot_deg)).to(dtype)
+        s = s * torch.exp(noise[:, 3] * cfg.box_jitter_log_scale).to(dtype)
+        t = t + (noise[:, 4:7] * cfg.box_jitter_trans_mm).to(dtype)
+        return similarity_box(s, dR @ R, t, center)
+
+    def _box_average(self, feats: Tensor, cams: Cameras, center: Tensor, verts: Tensor,
+                     prior: Tuple[Tensor, ...]) -> Tensor:
+        """Test-time augmentation (``cfg.tta_boxes``): the mean of ``verts (B, N, 3)`` and the
+        predictions in ``tta_boxes`` jittered copies of the template's box on ``verts``."""
+        K = self.cfg.tta_boxes
+        noise = torch.randn(K, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        noise = noise.to(device=verts.device)
+        s, R, t = self._template_box(verts)
+        total = verts
+        for k in range(K):  # one pass per box (K is a handful); the feature net ran once
+            box = self._jitter_box(s, R, t, noise[k].expand(verts.shape[0], 7), center)
+            total = total + self._predict(feats, cams, center, box, None, prior)[0]
+        return total / (K + 1)
+
     def _jittered_boxes(self, loc: LocalizerOutput, R_g: Tensor, target: Tensor, center: Tensor,
                         generator: Optional[torch.Generator]) -> LocalizerOutput:
         """Per sample, with probability ``box_jitter_prob``: the template's similarity box on
@@ -287,11 +321,7 @@ class CoarseModel(nn.Module):
         gen_device = generator.device if generator is not None else device
         noise = torch.randn(B, 7, generator=generator, dtype=torch.float64, device=gen_device).to(device)
         pick = torch.rand(B, generator=generator, dtype=torch.float64, device=gen_device).to(device)
-        s, R, t = self._template_box(target.detach().to(dtype))
-        dR = axis_angle_to_matrix(noise[:, 0:3] * math.radians(cfg.box_jitter_rot_deg)).to(dtype)
-        s = s * torch.exp(noise[:, 3] * cfg.box_jitter_log_scale).to(dtype)
-        t = t + (noise[:, 4:7] * cfg.box_jitter_trans_mm).to(dtype)
-        box = similarity_box(s, dR @ R, t, center)
+        box = self._jitter_box(*self._template_box(target.detach().to(dtype)), noise, center)
         Rgt = R_g.transpose(1, 2)  # into the initial grid's frame: p = o + R_g (M d + t')
         use = (pick < cfg.box_jitter_prob)
         return LocalizerOutput(
@@ -349,5 +379,7 @@ class CoarseModel(nn.Module):
                 verts, grid = self._predict(feats, cams, center,
                                             similarity_box(*self._template_box(verts), center),
                                             None, prior)
+            if cfg.tta_boxes > 0:
+                verts = self._box_average(feats, cams, center, verts, prior)
         return CoarseOutput(verts=verts, localizer=loc, grid=grid, initial_grid=grid0,
                             grid_rotation=R_g, template_posed=posed)
