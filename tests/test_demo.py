@@ -24,13 +24,13 @@ def test_demo_configs_resolve_and_chain():
     pre, coarse, refine = (load_config(cdir / f"{s}.yaml") for s in ("coarse_pretrain", "coarse", "refine"))
     assert pre.run.stage == coarse.run.stage == "coarse" and refine.run.stage == "refine"
     assert pre.loss.w_s2m == 0 and pre.loss.v2v_weights == "all"
-    # phase 2 keeps v2v on all vertices (the synthetic registrations are exact)
-    assert coarse.loss.w_s2m == 10.0 and coarse.loss.v2v_weights == "all" and coarse.loss.w_edge == 1.0
+    # phase 2 keeps v2v on all vertices (the synthetic registrations are exact), so no edge term
+    assert coarse.loss.w_s2m == 10.0 and coarse.loss.v2v_weights == "all" and coarse.loss.w_edge == 0.0
     # both coarse phases use the template prior and the localizer loss, without grid rotation
     for c in (pre, coarse):
         assert c.model.template_prior_sigma_mm > 0 and c.loss.w_box > 0
         assert not c.model.random_grid_rotation
-    assert refine.loss.w_s2m == 10.0 and refine.loss.w_edge == 0.3
+    assert refine.loss.w_s2m == 10.0 and refine.loss.v2v_weights == "all" and refine.loss.w_edge == 0.0
     # the refinement's feature net is initialised from the coarse one: same shapes
     for k in ("feature_channels", "feature_blocks", "feature_widths", "feature_stem_width"):
         assert getattr(coarse.model, k) == getattr(refine.model, k)

@@ -131,8 +131,9 @@ class CoarseConfig(FeatureNetConfig):
     tta_boxes: int = 0
     """0: off. k > 0 (beyond the paper; needs the template prior): in eval, after the re-box
     passes, predict again in k copies of the final box jittered by the ``box_jitter_*`` spreads and
-    average the k + 1 predictions (test-time augmentation). The k jitters are fixed draws (seed 0),
-    the same for every sample, so a frame's result does not depend on its batch. Each costs a pass."""
+    average the k + 1 predictions (test-time augmentation). The jitters are fixed draws (seed 0) in
+    +- pairs (so the jitter averages to zero for even k), the same for every sample, so a frame's
+    result does not depend on its batch. Each costs a pass."""
 
     def __post_init__(self):
         if self.head_mode not in HEAD_MODES:
@@ -303,8 +304,8 @@ class CoarseModel(nn.Module):
         """Test-time augmentation (``cfg.tta_boxes``): the mean of ``verts (B, N, 3)`` and the
         predictions in ``tta_boxes`` jittered copies of the template's box on ``verts``."""
         K = self.cfg.tta_boxes
-        noise = torch.randn(K, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-        noise = noise.to(device=verts.device)
+        half = torch.randn((K + 1) // 2, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        noise = torch.stack([half, -half], 1).reshape(-1, 7)[:K].to(device=verts.device)  # +-pairs
         s, R, t = self._template_box(verts)
         total = verts
         for k in range(K):  # one pass per box (K is a handful); the feature net ran once
