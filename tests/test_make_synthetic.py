@@ -95,38 +95,24 @@ def test_files_agree_with_each_other(captures):
         assert np.mean(on > 25) > 0.6 and np.mean(img > 25) < 0.5
 
 
-def test_speckle_size_changes_only_the_images(captures, tmp_path):
+@pytest.mark.parametrize("flag,key,value,default,bad", [("--speckle-mm", "speckle_mm", 6.0, 2.0, "0"),
+                                                        ("--markings", "markings", 1.0, 0.0, "1.5")])
+def test_texture_options_change_only_the_images(captures, tmp_path, flag, key, value, default, bad):
     a = captures[0]
     d = tmp_path / "d"
-    assert main(["--out", str(d), "--seed", "5", "--speckle-mm", "6"] + TINY) == 0
-    assert json.loads((d / "synthetic.json").read_text())["settings"]["speckle_mm"] == 6.0
-    assert json.loads((a / "synthetic.json").read_text())["settings"]["speckle_mm"] == 2.0
-    ha, hd = _hashes(a), _hashes(d)
-    images = [k for k in hd if k.startswith("images/")]
-    assert images and all(ha[k] != hd[k] for k in images)
-    for k in hd:
-        if k.startswith(("scans/", "gt_meshes/", "registrations/", "calibrations/")):
-            assert ha[k] == hd[k], k
-    assert main(["--out", str(tmp_path / "e"), "--speckle-mm", "0"] + TINY) == 1
-
-
-def test_markings_change_only_the_images_and_darken_them(captures, tmp_path):
-    a = captures[0]
-    d = tmp_path / "d"
-    assert main(["--out", str(d), "--seed", "5", "--markings", "1"] + TINY) == 0
-    assert json.loads((d / "synthetic.json").read_text())["settings"]["markings"] == 1.0
-    assert json.loads((a / "synthetic.json").read_text())["settings"]["markings"] == 0.0
+    assert main(["--out", str(d), "--seed", "5", flag, str(value)] + TINY) == 0
+    assert json.loads((d / "synthetic.json").read_text())["settings"][key] == value
+    assert json.loads((a / "synthetic.json").read_text())["settings"][key] == default
     ha, hd = _hashes(a), _hashes(d)
     images = sorted(k for k in hd if k.startswith("images/"))
     assert images and all(ha[k] != hd[k] for k in images)
     for k in hd:
         if k.startswith(("scans/", "gt_meshes/", "registrations/", "calibrations/")):
             assert ha[k] == hd[k], k
-    # Markings only darken: summed over the head, every view is darker than without them.
-    for k in images:
-        plain, marked = read_gray(a / k).astype(float), read_gray(d / k).astype(float)
-        assert marked.sum() < plain.sum(), k
-    assert main(["--out", str(tmp_path / "e"), "--markings", "1.5"] + TINY) == 1
+    if key == "markings":  # markings only darken: every view sums to less than without them
+        for k in images:
+            assert read_gray(d / k).astype(float).sum() < read_gray(a / k).astype(float).sum(), k
+    assert main(["--out", str(tmp_path / "e"), flag, bad] + TINY) == 1
 
 
 def test_split_subjects_rules():
