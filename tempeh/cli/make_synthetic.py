@@ -71,8 +71,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = SyntheticConfig(
         subjects=args.subjects, sequences_per_subject=args.sequences_per_subject,
         frames_per_sequence=args.frames_per_sequence, seed=args.seed, views=args.views,
-        rig=args.rig, image_downsample=args.image_downsample, speckle_mm=args.speckle_mm, markings=args.markings,
-        template=args.template,
+        rig=args.rig, image_downsample=args.image_downsample, speckle_mm=args.speckle_mm,
+        markings=args.markings, template=args.template,
         scan_points=args.scan_points, scan_noise_mm=args.scan_noise_mm,
         outlier_rate=args.outlier_rate, hole_rate=args.hole_rate,
         translation_mm=args.translation_mm, preview=args.preview, workers=args.workers)
