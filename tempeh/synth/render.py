@@ -36,6 +36,7 @@ import torch
 import trimesh
 
 from tempeh.cameras import Cameras
+from tempeh.geometry.mesh_ops import vertex_adjacency
 
 logger = logging.getLogger(__name__)
 
@@ -207,8 +208,9 @@ def marking_albedo(num_verts: int, faces: np.ndarray, regions: dict, strength: f
     the skin and are what a camera uses to tell where along the surface it looks. The factors
     (:data:`MARKING_ALBEDO`, the scalp's replaced by ``hair`` when given) are blended with 1 by
     ``strength`` (0: no markings, all ones; 1: the table's values), vertices in several regions
-    take the darkest, then ``smooth_iterations`` rounds of averaging with the one-ring soften
-    the region borders. Regions missing from ``regions`` are skipped.
+    take the darkest, then ``smooth_iterations`` rounds of uniform smoothing over the mesh graph
+    (:func:`tempeh.geometry.mesh_ops.vertex_adjacency`; each vertex becomes the mean of its own
+    value and its one-ring's mean) soften the region borders. Regions missing from ``regions`` are skipped.
 
     Args:
         num_verts: ``N``. faces: ``(F, 3)`` int. regions: name -> vertex indices.
@@ -229,14 +231,12 @@ def marking_albedo(num_verts: int, faces: np.ndarray, regions: dict, strength: f
         if name in regions:
             ids = np.asarray(regions[name], dtype=np.int64)
             a[ids] = np.minimum(a[ids], 1.0 - float(strength) * (1.0 - value))
-    faces = np.asarray(faces, dtype=np.int64)
-    for _ in range(int(smooth_iterations)):
-        acc, cnt = a.copy(), np.ones_like(a)
-        for k in range(3):  # each face corner gathers its two neighbours, vectorised over faces
-            for o in (1, 2):
-                np.add.at(acc, faces[:, k], a[faces[:, (k + o) % 3]])
-                np.add.at(cnt, faces[:, k], 1.0)
-        a = acc / cnt
+    if int(smooth_iterations) > 0:
+        adj = vertex_adjacency(np.asarray(faces, dtype=np.int64), len(a)).to(torch.float64)
+        deg = torch.sparse.mm(adj, torch.ones(len(a), 1, dtype=torch.float64))[:, 0].numpy()
+        for _ in range(int(smooth_iterations)):  # half its own value, half its one-ring's mean
+            ring = torch.sparse.mm(adj, torch.from_numpy(a)[:, None])[:, 0].numpy()
+            a = 0.5 * a + 0.5 * np.where(deg > 0, ring / np.maximum(deg, 1.0), a)  # isolated: kept
     return a
 
 
