@@ -36,7 +36,7 @@ import torch
 import trimesh
 
 from tempeh.cameras import Cameras
-from tempeh.geometry.mesh_ops import vertex_adjacency
+from tempeh.geometry.mesh_ops import laplacian_smoothing_offsets
 
 logger = logging.getLogger(__name__)
 
@@ -209,8 +209,9 @@ def marking_albedo(num_verts: int, faces: np.ndarray, regions: dict, strength: f
     (:data:`MARKING_ALBEDO`, the scalp's replaced by ``hair`` when given) are blended with 1 by
     ``strength`` (0: no markings, all ones; 1: the table's values), vertices in several regions
     take the darkest, then ``smooth_iterations`` rounds of uniform smoothing over the mesh graph
-    (:func:`tempeh.geometry.mesh_ops.vertex_adjacency`; each vertex becomes the mean of its own
-    value and its one-ring's mean) soften the region borders. Regions missing from ``regions`` are skipped.
+    (``a - L(a) / 2``, :func:`tempeh.geometry.mesh_ops.laplacian_smoothing_offsets`: each vertex
+    becomes the mean of its own value and its one-ring's mean) soften the region borders. Regions
+    missing from ``regions`` are skipped.
 
     Args:
         num_verts: ``N``. faces: ``(F, 3)`` int. regions: name -> vertex indices.
@@ -231,12 +232,10 @@ def marking_albedo(num_verts: int, faces: np.ndarray, regions: dict, strength: f
         if name in regions:
             ids = np.asarray(regions[name], dtype=np.int64)
             a[ids] = np.minimum(a[ids], 1.0 - float(strength) * (1.0 - value))
-    if int(smooth_iterations) > 0:
-        adj = vertex_adjacency(np.asarray(faces, dtype=np.int64), len(a)).to(torch.float64)
-        deg = torch.sparse.mm(adj, torch.ones(len(a), 1, dtype=torch.float64))[:, 0].numpy()
-        for _ in range(int(smooth_iterations)):  # half its own value, half its one-ring's mean
-            ring = torch.sparse.mm(adj, torch.from_numpy(a)[:, None])[:, 0].numpy()
-            a = 0.5 * a + 0.5 * np.where(deg > 0, ring / np.maximum(deg, 1.0), a)  # isolated: kept
+    faces = np.asarray(faces, dtype=np.int64)
+    for _ in range(int(smooth_iterations)):  # a - L(a) / 2
+        field = torch.from_numpy(a).view(1, -1, 1).expand(1, -1, 3)  # scalar as a (1, N, 3) field
+        a = a - 0.5 * laplacian_smoothing_offsets(field, faces)[0, :, 0].numpy()  # isolated: kept
     return a
 
 
