@@ -75,7 +75,8 @@ def load_template_for(stage_dir: PathLike, cfg: Optional[TrainConfig] = None) ->
 
 
 def load_stage_model(run_dir: PathLike, stage: str, device: Union[str, torch.device] = "cpu",
-                     checkpoint: Optional[PathLike] = None) -> Tuple[nn.Module, TrainConfig]:
+                     checkpoint: Optional[PathLike] = None,
+                     overrides: Sequence[str] = ()) -> Tuple[nn.Module, TrainConfig]:
     """Load a trained stage: ``(model in eval mode on device, resolved config)``.
 
     Args:
@@ -84,8 +85,12 @@ def load_stage_model(run_dir: PathLike, stage: str, device: Union[str, torch.dev
         stage: ``coarse_pretrain``, ``coarse`` or ``refine``.
         device: where to put the model.
         checkpoint: a specific checkpoint file (default: ``checkpoints/last.pt``).
+        overrides: ``key=value`` changes to the saved config before the model is built, for
+            inference-time settings such as ``model.rebox_iterations`` (a change that alters the
+            weights' shapes fails when they are loaded).
     Raises:
-        TempehDataError naming the missing config or checkpoint.
+        TempehDataError naming the missing config or checkpoint; ConfigError naming a bad
+        override.
     """
     from tempeh.engine.checkpoint import find_checkpoint, load_checkpoint
 
@@ -93,7 +98,7 @@ def load_stage_model(run_dir: PathLike, stage: str, device: Union[str, torch.dev
     cfg_path = sdir / "config.yaml"
     if not cfg_path.is_file():
         raise TempehDataError(cfg_path, f"no resolved config of stage {stage!r} (was it trained?)")
-    cfg = load_config(cfg_path)
+    cfg = load_config(cfg_path, overrides)
     ckpt_path = Path(checkpoint) if checkpoint is not None else find_checkpoint(sdir)
     if ckpt_path is None:
         raise TempehDataError(sdir / "checkpoints" / "last.pt", f"no checkpoint of stage {stage!r}")

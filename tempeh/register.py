@@ -221,11 +221,14 @@ def _stage_record(run_dir: Path, stage: str, cfg) -> dict:
 
 
 def load_models(run_dir: PathLike, device: torch.device, coarse_only: bool = False,
-                coarse_stage: str = "coarse", refine_stage: str = "refine") -> ModelInfo:
+                coarse_stage: str = "coarse", refine_stage: str = "refine",
+                rebox_iterations: Optional[int] = None) -> ModelInfo:
     """Load the coarse (and refinement) stage of a run with :func:`tempeh.inference.load_stage_model`.
 
     A missing stage is a TempehDataError naming it (no fallback: ``coarse_only`` must be
-    asked for explicitly).
+    asked for explicitly). ``rebox_iterations`` (None: the trained config's) sets the coarse
+    stage's re-box passes (``model.rebox_iterations``); the stage record and the model id then
+    name it, so outputs of the two settings are not mixed in one folder.
     """
     from tempeh.inference import load_stage_model, load_template_for
 
@@ -238,9 +241,16 @@ def load_models(run_dir: PathLike, device: torch.device, coarse_only: bool = Fal
                 if st == refine_stage else ""
             raise TempehDataError(run_dir / st, f"stage {st!r} not found in the run "
                                   f"(trained stages here: {', '.join(have) or 'none'}){hint}")
-    coarse, ccfg = load_stage_model(run_dir, coarse_stage, device=device)
+    overrides = []
+    if rebox_iterations is not None:
+        if rebox_iterations < 0:
+            raise ValueError(f"rebox_iterations must be >= 0, got {rebox_iterations}")
+        overrides.append(f"model.rebox_iterations={int(rebox_iterations)}")
+    coarse, ccfg = load_stage_model(run_dir, coarse_stage, device=device, overrides=overrides)
     template = load_template_for(run_dir / coarse_stage, ccfg)
     record = {"run_dir": str(run_dir), "stages": {"coarse": _stage_record(run_dir, coarse_stage, ccfg)}}
+    if overrides:
+        record["stages"]["coarse"]["overrides"] = overrides
     refine = rcfg = None
     if not coarse_only:
         refine, rcfg = load_stage_model(run_dir, refine_stage, device=device)

@@ -219,3 +219,41 @@ def test_list_with_a_frame_that_does_not_exist(setup, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "1 registered" in text and "FAILED subj1/seqA/000099" in text and "no images" in text
     assert mesh_path(out, FrameId("subj1", "seqA", "000003")).exists()
+
+
+def test_rebox_override_equals_the_trained_setting(setup, tmp_path, capsys):
+    """``--rebox K`` registers with K re-box passes: the meshes equal those of a run trained with
+    ``model.rebox_iterations: K`` (same weights), differ from the run's own setting (0 here), and
+    the manifest names the override. A coarse stage without the template prior refuses K > 0."""
+    from tempeh.bench.register import tiny_configs, write_random_run
+
+    cap, run, template = setup
+    assert main(_args(cap, run, tmp_path / "bad", "--rebox", "-1")) == 2
+    assert main(_args(cap, run, tmp_path / "bad", "--coarse-only", "--rebox", "2")) == 1
+    assert "template_prior_sigma_mm" in capsys.readouterr().out
+
+    def prior_run(name, rebox):
+        cfg = tiny_configs(template.num_verts)["coarse"]
+        cfg["model"].update(template_prior_sigma_mm=40.0, rebox_iterations=rebox)
+        return write_random_run(tmp_path / name, template, {"coarse": cfg}, seed=3)
+
+    run0, run2 = prior_run("run0", 0), prior_run("run2", 2)
+    seq = ["--sequence", "subj1/seqA", "--coarse-only"]
+    outs = {}
+    for key, r, extra in (("override", run0, ["--rebox", "2"]), ("trained", run2, []),
+                          ("none", run0, [])):
+        outs[key] = tmp_path / f"o_{key}"
+        assert main(["--model", str(r), "--data", str(cap), "--out", str(outs[key]),
+                     "--workers", "0", "-q", *seq, *extra]) == 0
+    for i in range(FRAMES):
+        fid = FrameId("subj1", "seqA", f"{i:06d}")
+        v_over, _ = read_mesh(mesh_path(outs["override"], fid), units="m")
+        v_trained, _ = read_mesh(mesh_path(outs["trained"], fid), units="m")
+        v_none, _ = read_mesh(mesh_path(outs["none"], fid), units="m")
+        assert np.allclose(v_over, v_trained, atol=1e-4)  # mm
+        assert np.abs(v_over - v_none).max() > 0.1  # mm: the passes moved the mesh
+    man = json.loads((outs["override"] / "manifest.json").read_text())
+    assert man["model"]["stages"]["coarse"]["overrides"] == ["model.rebox_iterations=2"]
+    plain = json.loads((outs["none"] / "manifest.json").read_text())
+    assert "overrides" not in plain["model"]["stages"]["coarse"]
+    assert man["model"]["model_id"] != plain["model"]["model_id"]

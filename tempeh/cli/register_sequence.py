@@ -78,6 +78,10 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--coarse-stage", default="coarse",
                    help="stage folder of the coarse network (e.g. coarse_pretrain)")
     p.add_argument("--refine-stage", default="refine", help="stage folder of the refinement")
+    p.add_argument("--rebox", type=int, default=None, metavar="K",
+                   help="re-box passes of the coarse stage (default: the trained config's "
+                        "model.rebox_iterations; each pass re-samples the grid in the template's "
+                        "box on the last prediction)")
     p.add_argument("--smooth", type=float, default=0.0, metavar="SIGMA_FRAMES",
                    help="temporal Gaussian smoothing, sigma in frames (0: off)")
     p.add_argument("--smooth-mode", choices=MODES, default="reflect",
@@ -114,6 +118,8 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         p.error("--workers must be >= 0")
     if args.max_frames is not None and args.max_frames < 0:
         p.error("--max-frames must be >= 0")
+    if args.rebox is not None and args.rebox < 0:
+        p.error("--rebox must be >= 0")
     if not args.smooth >= 0:
         p.error("--smooth must be >= 0 (frames)")
     return args
@@ -184,7 +190,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         frames = _frames(args)
         models = load_models(args.model, device, coarse_only=args.coarse_only,
-                             coarse_stage=args.coarse_stage, refine_stage=args.refine_stage)
+                             coarse_stage=args.coarse_stage, refine_stage=args.refine_stage,
+                             rebox_iterations=args.rebox)
     except (TempehDataError, ConfigError, ValueError) as err:
         print(f"register_sequence: {err}")
         return 1
