@@ -49,7 +49,7 @@ import yaml
 from tempeh.errors import ConfigError
 from tempeh.geometry.regions import (COARSE_EDGE_WEIGHTS, EYEBALLS_ONLY_VERTEX_WEIGHTS,
                                      PRETRAIN_VERTEX_WEIGHTS, REFINE_EDGE_WEIGHTS, WEIGHT_GROUPS)
-from tempeh.losses import ROBUST_KINDS
+from tempeh.losses import ROBUST_KINDS, V2V_KINDS
 from tempeh.models.coarse import CoarseConfig
 from tempeh.models.refine import RefineConfig
 
@@ -158,6 +158,9 @@ class LossConfig:
     """Per-region v2v vertex weights: a preset (``all``: every vertex 1, coarse pretraining;
     ``eyeballs``: eyeballs only) or a mapping group -> weight (groups of
     ``tempeh.geometry.regions.WEIGHT_GROUPS``; groups not named get 0)."""
+    v2v_kind: str = "mse"
+    """Penalty of the v2v and box losses: ``mse`` (reference, mm^2) or ``dist`` (mean Euclidean
+    distance, mm; :func:`tempeh.losses.v2v_loss`)."""
     w_s2m: float = 0.0
     """Weight of the robust scan-to-mesh (point-to-surface) loss (paper: 10 after pretraining)."""
     s2m_sigma_mm: float = 10.0
@@ -698,6 +701,8 @@ def validate_config(cfg: TrainConfig, for_training: bool = False) -> TrainConfig
     need(l.s2m_sigma_mm > 0, "loss.s2m_sigma_mm", f"must be > 0, got {l.s2m_sigma_mm}")
     need(l.s2m_kind in ROBUST_KINDS, "loss.s2m_kind",
          f"expected one of {', '.join(ROBUST_KINDS)}, got {l.s2m_kind!r}")
+    need(l.v2v_kind in V2V_KINDS, "loss.v2v_kind",
+         f"expected one of {', '.join(V2V_KINDS)}, got {l.v2v_kind!r}")
     _check_weights(l.v2v_weights, VERTEX_WEIGHT_PRESETS, "loss.v2v_weights")
     _check_weights(l.edge_weights, EDGE_WEIGHT_PRESETS, "loss.edge_weights")
     need(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")

@@ -18,7 +18,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "LossTerms", "ROBUST_KINDS", "v2v_loss", "geman_mcclure", "scan_to_mesh_distances",
+    "LossTerms", "ROBUST_KINDS", "V2V_KINDS", "v2v_loss", "geman_mcclure", "scan_to_mesh_distances",
     "scan_to_mesh_loss", "scan_to_mesh_distance", "edge_loss", "total_loss", "weighted_terms",
 ]
 
@@ -48,11 +48,14 @@ def _weights(w: Optional[torch.Tensor], n: int, like: torch.Tensor, name: str,
     return w.to(device=like.device, dtype=like.dtype)
 
 
-def v2v_loss(pred: torch.Tensor, gt: torch.Tensor, vertex_weights: Optional[torch.Tensor] = None,
-             normalize: str = "all") -> torch.Tensor:
-    """Weighted vertex-to-vertex squared error (TEMPEH ``PointToPointLoss``).
+V2V_KINDS = ("mse", "dist")
 
-    With per-vertex weights ``w`` and ``d = pred - gt``:
+
+def v2v_loss(pred: torch.Tensor, gt: torch.Tensor, vertex_weights: Optional[torch.Tensor] = None,
+             normalize: str = "all", kind: str = "mse", eps: float = 1e-8) -> torch.Tensor:
+    """Weighted vertex-to-vertex error (``kind="mse"``: TEMPEH ``PointToPointLoss``).
+
+    With per-vertex weights ``w`` and ``d = pred - gt``, ``kind="mse"`` (reference, default):
 
     * ``normalize="all"`` (reference, default): ``sum_{b,n,c} w_n^2 d_{bnc}^2 / (B * N * 3)``,
       i.e. ``MSE(w * pred, w * gt)``. The denominator counts zero-weight vertices too, so the
@@ -60,18 +63,39 @@ def v2v_loss(pred: torch.Tensor, gt: torch.Tensor, vertex_weights: Optional[torc
     * ``normalize="weighted"``: ``sum w_n^2 d^2 / (B * 3 * sum_n w_n^2)``, a proper weighted
       mean (the per-coordinate MSE over the weighted vertices when weights are 0/1).
 
+    ``kind="dist"`` (not in the paper): the mean Euclidean distance ``|w_n| sqrt(|d_bn|^2 + eps)``
+    over ``B * N`` vertices (``"all"``) or divided by ``B * sum_n |w_n|`` (``"weighted"``). Its
+    gradient has unit length per vertex whatever the error, so far-off vertices do not dominate
+    the way they do under the square.
+
     Args:
         pred: ``(B, N, 3)`` predicted vertices, world mm.
         gt: ``(B, N, 3)`` ground-truth (registration) vertices, world mm.
         vertex_weights: ``(N,)`` unitless weights (``regions.vertex_weights``); None means 1.
         normalize: ``"all"`` or ``"weighted"``.
+        kind: ``"mse"`` or ``"dist"``.
+        eps: mm^2 under the square root of ``"dist"`` (a finite gradient at d = 0).
 
     Returns:
-        Scalar tensor, mm^2.
+        Scalar tensor, mm^2 (``"mse"``) or mm (``"dist"``).
     """
     _check_pair(pred, gt, "v2v_loss")
+    if kind not in V2V_KINDS:
+        raise ValueError(f"v2v_loss: kind must be one of {V2V_KINDS}, got {kind!r}")
+    if normalize not in ("all", "weighted"):
+        raise ValueError(f"v2v_loss: normalize must be 'all' or 'weighted', got {normalize!r}")
     B, N, _ = pred.shape
     w = _weights(vertex_weights, N, pred, "v2v_loss", "vertex_weights")
+    if kind == "dist":
+        dist = torch.sqrt((pred - gt).square().sum(-1) + eps)  # (B, N) mm
+        if w is not None:
+            dist = dist * w.abs().view(1, N)
+        if normalize == "all":
+            return dist.mean()
+        denom = (w.abs().sum() if w is not None else pred.new_tensor(float(N))) * B
+        if float(denom) <= 0:
+            raise ValueError("v2v_loss: normalize='weighted' needs at least one non-zero weight")
+        return dist.sum() / denom
     sq = (pred - gt).square()  # (B, N, 3)
     if w is not None:
         sq = sq * w.square().view(1, N, 1)

@@ -127,8 +127,10 @@ def test_overrides(tmp_path):
     # later overrides win; stage switch selects the model class
     assert load_config(None, ["run.iterations=1", "run.iterations=2"]).run.iterations == 2
     assert type(load_config(None, ["run.stage=refine"]).model) is RefineConfig
+    assert load_config(None, ["loss.v2v_kind=dist"]).loss.v2v_kind == "dist"
     for bad, key in (("run.iterations", "run.iterations"), ("run.nope=1", "run.nope"),
-                     ("run.iterations=[1]", "run.iterations"), ("=3", "bad key")):
+                     ("run.iterations=[1]", "run.iterations"), ("=3", "bad key"),
+                     ("loss.v2v_kind=l1", "loss.v2v_kind")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             load_config(base, [bad])
 

@@ -409,7 +409,8 @@ class Trainer:
         l = self.cfg.loss
         terms: Dict[str, torch.Tensor] = {}
         if l.w_v2v > 0:
-            terms["loss_v2v"] = v2v_loss(pred, batch.registration, self.v2v_weights)
+            terms["loss_v2v"] = v2v_loss(pred, batch.registration, self.v2v_weights,
+                                         kind=l.v2v_kind)
         if l.w_s2m > 0:
             terms["loss_s2m"] = scan_to_mesh_loss(batch.scan, pred, self.faces, sigma=l.s2m_sigma_mm,
                                                   kind=l.s2m_kind, scan_valid=batch.scan_valid)
@@ -418,7 +419,7 @@ class Trainer:
         if l.w_box > 0:
             if posed is None:  # validate_config requires the template prior; never skip silently
                 raise ValueError("loss.w_box > 0 but the model returned no posed template")
-            terms["loss_box"] = v2v_loss(posed, batch.registration)
+            terms["loss_box"] = v2v_loss(posed, batch.registration, kind=l.v2v_kind)
         return terms
 
     def _forward(self, batch, train: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
