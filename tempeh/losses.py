@@ -86,27 +86,18 @@ def v2v_loss(pred: torch.Tensor, gt: torch.Tensor, vertex_weights: Optional[torc
         raise ValueError(f"v2v_loss: normalize must be 'all' or 'weighted', got {normalize!r}")
     B, N, _ = pred.shape
     w = _weights(vertex_weights, N, pred, "v2v_loss", "vertex_weights")
-    if kind == "dist":
-        dist = torch.sqrt((pred - gt).square().sum(-1) + eps)  # (B, N) mm
-        if w is not None:
-            dist = dist * w.abs().view(1, N)
-        if normalize == "all":
-            return dist.mean()
-        denom = (w.abs().sum() if w is not None else pred.new_tensor(float(N))) * B
-        if float(denom) <= 0:
-            raise ValueError("v2v_loss: normalize='weighted' needs at least one non-zero weight")
-        return dist.sum() / denom
-    sq = (pred - gt).square()  # (B, N, 3)
-    if w is not None:
-        sq = sq * w.square().view(1, N, 1)
+    d2 = (pred - gt).square().sum(-1)  # (B, N) mm^2
+    # per-vertex penalty and the power of its weight: w^2 d^2 / 3 (per coordinate) or |w| |d|
+    per, wk = (d2 / 3.0, None if w is None else w.square()) if kind == "mse" else \
+        (torch.sqrt(d2 + eps), None if w is None else w.abs())
+    if wk is not None:
+        per = per * wk.view(1, N)
     if normalize == "all":
-        return sq.mean()
-    if normalize == "weighted":
-        denom = (w.square().sum() if w is not None else pred.new_tensor(float(N))) * (B * 3)
-        if float(denom) <= 0:
-            raise ValueError("v2v_loss: normalize='weighted' needs at least one non-zero weight")
-        return sq.sum() / denom
-    raise ValueError(f"v2v_loss: normalize must be 'all' or 'weighted', got {normalize!r}")
+        return per.mean()
+    denom = (wk.sum() if wk is not None else pred.new_tensor(float(N))) * B
+    if float(denom) <= 0:
+        raise ValueError("v2v_loss: normalize='weighted' needs at least one non-zero weight")
+    return per.sum() / denom
 
 
 def geman_mcclure(d_sq: torch.Tensor, sigma: float = 10.0, kind: str = "sqrt_gm",

@@ -241,11 +241,8 @@ def load_models(run_dir: PathLike, device: torch.device, coarse_only: bool = Fal
                 if st == refine_stage else ""
             raise TempehDataError(run_dir / st, f"stage {st!r} not found in the run "
                                   f"(trained stages here: {', '.join(have) or 'none'}){hint}")
-    overrides = []
-    if rebox_iterations is not None:
-        if rebox_iterations < 0:
-            raise ValueError(f"rebox_iterations must be >= 0, got {rebox_iterations}")
-        overrides.append(f"model.rebox_iterations={int(rebox_iterations)}")
+    # a negative count is a ConfigError naming model.rebox_iterations (CoarseConfig checks it)
+    overrides = [] if rebox_iterations is None else [f"model.rebox_iterations={int(rebox_iterations)}"]
     coarse, ccfg = load_stage_model(run_dir, coarse_stage, device=device, overrides=overrides)
     template = load_template_for(run_dir / coarse_stage, ccfg)
     record = {"run_dir": str(run_dir), "stages": {"coarse": _stage_record(run_dir, coarse_stage, ccfg)}}

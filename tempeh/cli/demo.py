@@ -94,8 +94,8 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                    metavar="[STAGE:]KEY=VALUE", help="training config override (repeatable)")
     # 8 re-box passes at registration instead of the trained 3 (validation and the refinement's
     # training cache keep 3): on session 9's final model, test vertex error 7.36 -> 7.17 mm and
-    # validation 6.70 -> 6.54 mm (pooled medians; scan-to-mesh +0.01 mm); each pass costs ~40 ms
-    # per frame on 2 CPU cores (session 10; README).
+    # validation 6.70 -> 6.54 mm (pooled medians; scan-to-mesh +0.01 mm); each pass costs 28-38 ms
+    # per frame on 2 CPU cores (two timings of 12 frames, 3 vs 8 passes; session 10, README).
     p.add_argument("--rebox", type=int, default=8, metavar="K",
                    help="re-box passes of the coarse stage when registering the test frames")
     p.add_argument("--overlays", type=int, default=2, help="test frames to draw overlays of")
